@@ -1,0 +1,135 @@
+"""Callbacks: the user's hooks on the lifecycle machine's transitions.
+
+A :class:`Callback` subclass hooks an event by defining ``guard_<event>(self, loop)``
+(runs when the loop *proposes* the event, before the machine moves; returns ``None``
+or a :class:`~statemachine_loop.Veto`, :class:`~statemachine_loop.Redirect` or
+:class:`~statemachine_loop.Stop`) and/or ``on_<event>(self, loop)`` (runs after the
+machine took the event; may return ``Stop``). A plain function ``fn(loop, event)``
+is an observer of every event, as in the original ``TrainingLoop``.
+
+:func:`collect_hooks` works out once, at ``fit`` time, which callbacks hook each
+event, so the hot path touches only those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import attrs
+
+from statemachine_loop.errors import ConfigError
+from statemachine_loop.events import Event
+
+if TYPE_CHECKING:
+    from statemachine_loop.decisions import Decision, Stop
+    from statemachine_loop.loop import TrainingLoop
+
+__all__ = ["Callback", "CallbackLike", "HookMap", "collect_hooks", "callback_name"]
+
+_GUARD_PREFIX = "guard_"
+_OBSERVER_PREFIX = "on_"
+_HOOK_NAMES = frozenset(
+    f"{prefix}{event.value}" for event in Event for prefix in (_GUARD_PREFIX, _OBSERVER_PREFIX)
+)
+
+
+class Callback:
+    """Base class for callbacks: define any ``guard_<event>`` and ``on_<event>`` methods.
+
+    Only the hooks a subclass defines are called; a method whose name starts with
+    ``guard_`` or ``on_`` but names no event is refused at ``fit`` time (a typo would
+    otherwise be silently ignored). Override :meth:`state_dict` and
+    :meth:`load_state_dict` for state that must survive a checkpoint and resume.
+    """
+
+    @property
+    def name(self) -> str:
+        """The name under which this callback's decisions are recorded (its class name)."""
+        return type(self).__name__
+
+    def state_dict(self) -> dict[str, Any]:
+        """The callback's resumable state; empty for stateless callbacks."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state returned by :meth:`state_dict`."""
+        if state:
+            raise ConfigError(
+                f"{self.name} has no resumable state but load_state_dict was given "
+                f"keys {sorted(state)}; override load_state_dict to restore them."
+            )
+
+
+#: What ``callbacks=[...]`` accepts: a ``Callback`` or a plain observer ``fn(loop, event)``.
+CallbackLike: TypeAlias = "Callback | Callable[[TrainingLoop, Event], Stop | None]"
+
+#: A bound hook: ``(callback name, fn(loop))``.
+Hook: TypeAlias = "tuple[str, Callable[[TrainingLoop], Decision | None]]"
+
+
+@attrs.frozen
+class HookMap:
+    """Per event, the guards and observers of a list of callbacks, in callback order."""
+
+    guards: dict[Event, tuple[Hook, ...]]
+    observers: dict[Event, tuple[Hook, ...]]
+
+
+def callback_name(callback: object) -> str:
+    """The recorded name of a callback or plain-function observer."""
+    if isinstance(callback, Callback):
+        return callback.name
+    return str(getattr(callback, "__qualname__", None) or type(callback).__name__)
+
+
+def _check_hook_names(callback: Callback) -> None:
+    for attribute in dir(type(callback)):
+        if attribute.startswith((_GUARD_PREFIX, _OBSERVER_PREFIX)) and attribute not in _HOOK_NAMES:
+            raise ConfigError(
+                f"Callback {callback.name} defines {attribute!r}, which hooks no lifecycle "
+                f"event; hooks are guard_<event> and on_<event> for the events "
+                f"{', '.join(e.value for e in Event)}."
+            )
+
+
+def _function_observer(
+    fn: Callable[[TrainingLoop, Event], Stop | None], event: Event
+) -> Callable[[TrainingLoop], Decision | None]:
+    def observe(loop: TrainingLoop) -> Decision | None:
+        return fn(loop, event)
+
+    return observe
+
+
+def collect_hooks(callbacks: Sequence[object]) -> HookMap:
+    """Work out, once, which callbacks hook which event.
+
+    Raises :class:`ConfigError` for an object that is neither a ``Callback`` nor
+    callable, and for a ``Callback`` with a misspelled hook name.
+    """
+    guards: dict[Event, list[Hook]] = {event: [] for event in Event}
+    observers: dict[Event, list[Hook]] = {event: [] for event in Event}
+    for callback in callbacks:
+        name = callback_name(callback)
+        if isinstance(callback, Callback):
+            _check_hook_names(callback)
+            for event in Event:
+                guard = getattr(callback, _GUARD_PREFIX + event.value, None)
+                if guard is not None:
+                    guards[event].append((name, guard))
+                observer = getattr(callback, _OBSERVER_PREFIX + event.value, None)
+                if observer is not None:
+                    observers[event].append((name, observer))
+        elif callable(callback):
+            for event in Event:
+                observers[event].append((name, _function_observer(callback, event)))
+        else:
+            raise ConfigError(
+                f"callbacks must hold Callback instances or functions fn(loop, event); "
+                f"got {type(callback).__name__}: {callback!r}."
+            )
+    return HookMap(
+        guards={event: tuple(hooks) for event, hooks in guards.items()},
+        observers={event: tuple(hooks) for event, hooks in observers.items()},
+    )

@@ -1,0 +1,404 @@
+"""The driver: :class:`TrainingLoop` runs a model through the lifecycle machine.
+
+The machine decides, the driver does. Every event is *proposed* to the engine
+(:mod:`statemachine_loop.dispatch`), which runs the guards, moves the machine and
+calls the observers, and answers with the event actually taken (``None`` for a veto;
+a redirect answers with its target). The driver only iterates and does the work::
+
+    fit:    propose fit_start                         (vetoed: return)
+            for each epoch: propose epoch_start        (redirected to fit_end: return)
+                               -> run the epoch
+            propose fit_end
+    epoch:  propose training_start -> training phase   (redirect may open validation
+            propose validation_start -> validation phase    or close the epoch)
+            propose epoch_end
+    phase:  for each batch: fetch, move, split; propose batch_start
+                               (redirected to the phase end: return)
+                               -> step; propose batch_end
+            propose training_end | validation_end
+    step:   training:   forward, loss, backward; propose update_start -> optimizer.step()
+            validation: forward; propose inference_prediction_end -> loss, metrics
+
+A ``Stop`` raises a private signal out of the driver; :meth:`TrainingLoop.fit` then
+winds down along the machine's shortest path of end events. Any other exception does
+the same with ``loop.failure`` set, and is re-raised unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence, Sized
+from typing import Any, Literal
+
+import torch
+
+from statemachine_loop.callback import CallbackLike, collect_hooks
+from statemachine_loop.decisions import DecisionRecord
+from statemachine_loop.dispatch import ENGINES, Stopping
+from statemachine_loop.errors import ConfigError, LifecycleError
+from statemachine_loop.events import Event
+from statemachine_loop.history import History
+from statemachine_loop.machine import FINAL_STATE, INITIAL_STATE
+from statemachine_loop.metrics import Metric, resolve_metrics
+from statemachine_loop.step import LossFn, Step, move_to_device, needs_move
+
+__all__ = ["TrainingLoop"]
+
+
+class TrainingLoop:
+    """A training loop whose lifecycle is a checked finite-state machine.
+
+    Configure it once with the data, the optimizer, the loss and the metrics, then
+    call :meth:`fit` with a model. Callbacks hook the twelve lifecycle events as
+    guards (which may veto, redirect or stop a proposed event) and observers (which
+    act after it); see :class:`~statemachine_loop.Callback`.
+
+    Args:
+        training: an iterable of training batches, usually a ``DataLoader``.
+        validation: an optional iterable of validation batches.
+        optimizer: the optimizer over the parameters of the model passed to ``fit``.
+        loss_fn: ``loss_fn(output, target)`` returning a scalar tensor.
+        metrics: names (``"accuracy"``, ``"top5_accuracy"``, ``"mcc"``,
+            ``"perplexity"``, ...) or objects following the ``Metric`` protocol; the
+            loss is always measured.
+        callbacks: callbacks for every ``fit`` of this loop.
+        engine: ``"compiled"`` (default, fast) or ``"transitions"`` (every event
+            through ``transitions``' ``Machine.trigger``; the reference).
+        step: a :class:`~statemachine_loop.Step` for batches that are not
+            ``(input, target)`` pairs.
+    """
+
+    def __init__(
+        self,
+        *,
+        training: Iterable[Any],
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        validation: Iterable[Any] | None = None,
+        metrics: Sequence[str | Metric] = (),
+        callbacks: Sequence[CallbackLike] = (),
+        engine: Literal["compiled", "transitions"] = "compiled",
+        step: Step | None = None,
+    ) -> None:
+        _check_data("training", training)
+        if validation is not None:
+            _check_data("validation", validation)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}."
+            )
+        if not callable(loss_fn):
+            raise ConfigError(f"loss_fn must be callable; got {type(loss_fn).__name__}.")
+        if engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {sorted(ENGINES)}; got {engine!r}.")
+        if step is not None and not isinstance(step, Step):
+            raise ConfigError(f"step must be a Step instance; got {type(step).__name__}.")
+        if isinstance(metrics, str):
+            raise ConfigError(f"metrics must be a list of names; got the string {metrics!r}.")
+        self.optimizer = optimizer
+        self.callbacks: list[CallbackLike] = list(callbacks)
+        collect_hooks(self.callbacks)  # fail on a bad callback now, not at fit time
+        self._training = training
+        self._validation = validation
+        self._loss_fn = loss_fn
+        self._step = step if step is not None else Step()
+        self._metrics = resolve_metrics(metrics)
+        self._engine = ENGINES[engine](self)
+        #: The ``transitions`` machine of this loop: the authority on legality.
+        self.machine = self._engine.machine
+        self._entries: dict[Event, Callable[[], None]] = {
+            Event.TRAINING_START: self._open_training,
+            Event.VALIDATION_START: self._open_validation,
+            Event.TRAINING_END: self._close_phase,
+            Event.VALIDATION_END: self._close_phase,
+        }
+        self.model: torch.nn.Module | None = None
+        self.device = torch.device("cpu")
+        self.epoch_count = 0
+        self.epoch_index = 0
+        self.batch_index = 0
+        self.batch_count: int | None = None
+        self.is_training = False
+        self.resuming = False
+        self.last_step_input: Any = None
+        self.last_step_target: Any = None
+        self.last_step_output: Any = None
+        self.last_step_loss: torch.Tensor | None = None
+        self.stop_reason: str | None = None
+        self.failure: BaseException | None = None
+        self.decisions: list[DecisionRecord] = []
+        self.history = History()
+        self._phase_ran = False
+        self._move: Callable[[Any], Any] = self._first_move
+        self._running = False
+
+    @property
+    def state(self) -> str:
+        """The machine's current state name (``idle``, ``fit``, ``epoch``, ... ``done``)."""
+        return self._engine.model.state
+
+    @property
+    def engine(self) -> str:
+        """The name of the engine that runs this loop's events."""
+        return self._engine.name
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The current phase's metric values so far; final after its end event.
+
+        Reading this synchronises with the device, so read it at phase ends or at a
+        progress display's refresh rate, not on every batch of a GPU run.
+        """
+        return {metric.name: metric.compute() for metric in self._metrics}
+
+    def fit(
+        self,
+        model: torch.nn.Module,
+        epochs: int,
+        *,
+        device: str | torch.device = "cpu",
+        callbacks: Sequence[CallbackLike] = (),
+    ) -> History:
+        """Train ``model`` for ``epochs`` epochs and return the :class:`History`.
+
+        ``callbacks`` are added after the loop's own for this fit only. After a stop
+        the fit returns normally with ``stop_reason`` set; after an exception every
+        open scope is closed (so writers flush) and the original exception is
+        re-raised. ``stop_reason``, ``failure`` and ``decisions`` stay readable until
+        the next ``fit``.
+        """
+        if self._running:
+            raise LifecycleError(
+                f"fit was called while this loop is already fitting (state {self.state!r})."
+            )
+        self._check_fit(model, epochs)
+        hooks = collect_hooks([*self.callbacks, *callbacks])
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device)
+        _move_optimizer_state(self.optimizer, self.device)
+        self.epoch_count = epochs
+        self.epoch_index = self.batch_index = 0
+        self.batch_count = None
+        self.is_training = self.resuming = False
+        self.last_step_input = self.last_step_target = None
+        self.last_step_output = self.last_step_loss = None
+        self.stop_reason = None
+        self.failure = None
+        self.decisions = []
+        self.history = History()
+        self._engine.bind(hooks, self._entries, can_validate=self._validation is not None)
+        grad_enabled = torch.is_grad_enabled()
+        self._running = True
+        stopped = False
+        try:
+            self._run_fit()
+        except Stopping:
+            stopped = True
+        except BaseException as failure:
+            self.failure = failure
+            for error, name, event in self._engine.wind_down():
+                failure.add_note(_wind_down_note(error, name, event))
+            raise
+        finally:
+            self._running = False
+            torch.set_grad_enabled(grad_enabled)
+        if stopped:
+            self._wind_down_after_stop()
+        return self.history
+
+    # -- the driver ---------------------------------------------------------------
+
+    def _run_fit(self) -> None:
+        propose = self._engine.propose
+        if propose(Event.FIT_START) is None:
+            return
+        for epoch_index in range(self.epoch_count):
+            self.epoch_index = epoch_index
+            taken = propose(Event.EPOCH_START)
+            if taken is Event.FIT_END:
+                return
+            if taken is Event.EPOCH_START:
+                self._run_epoch()
+        propose(Event.FIT_END)
+
+    def _run_epoch(self) -> None:
+        propose = self._engine.propose
+        taken = propose(Event.TRAINING_START)
+        if taken is Event.TRAINING_START:
+            self._run_phase(self._training, Event.TRAINING_END, self._training_step)
+            taken = None
+        if taken is None and self._validation is not None:
+            taken = propose(Event.VALIDATION_START)
+        if taken is Event.VALIDATION_START:
+            assert self._validation is not None
+            self._run_phase(self._validation, Event.VALIDATION_END, self._validation_step)
+        elif taken is Event.EPOCH_END:
+            return
+        propose(Event.EPOCH_END)
+
+    def _run_phase(self, data: Iterable[Any], end: Event, step: Callable[[], None]) -> None:
+        propose = self._engine.propose
+        split = self._step.split
+        for batch_index, batch in enumerate(data):
+            self.batch_index = batch_index
+            self.last_step_input, self.last_step_target = split(self._move(batch))
+            taken = propose(Event.BATCH_START)
+            if taken is Event.BATCH_START:
+                self._phase_ran = True
+                step()
+                propose(Event.BATCH_END)
+            elif taken is end:
+                return
+        propose(end)
+
+    def _training_step(self) -> None:
+        step, inputs, target = self._step, self.last_step_input, self.last_step_target
+        assert self.model is not None
+        output = step.forward(self.model, inputs)
+        self.last_step_output = output
+        loss = self.last_step_loss = _checked_loss(step.loss(self._loss_fn, output, target))
+        torch.autograd.backward(loss)
+        if self._engine.propose(Event.UPDATE_START) is Event.UPDATE_START:
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        size = step.batch_size(inputs, target)
+        for metric in self._metrics:
+            metric.update(output, target, loss, size)
+
+    def _validation_step(self) -> None:
+        step, inputs, target = self._step, self.last_step_input, self.last_step_target
+        assert self.model is not None
+        output = step.forward(self.model, inputs)
+        self.last_step_output = output
+        if self._engine.propose(Event.INFERENCE_PREDICTION_END) is None:
+            return
+        loss = self.last_step_loss = _checked_loss(step.loss(self._loss_fn, output, target))
+        size = step.batch_size(inputs, target)
+        for metric in self._metrics:
+            metric.update(output, target, loss, size)
+
+    # -- entry work: done when the event is proposed, whoever proposes it --------------
+
+    def _open_phase(self, training: bool, data: Iterable[Any]) -> None:
+        assert self.model is not None
+        self.is_training = training
+        self.batch_index = 0
+        self.batch_count = len(data) if isinstance(data, Sized) else None
+        self.model.train(training)
+        torch.set_grad_enabled(training)
+        for metric in self._metrics:
+            metric.reset()
+        self._phase_ran = False
+        self._move = self._first_move
+
+    def _open_training(self) -> None:
+        self._open_phase(True, self._training)
+        self.optimizer.zero_grad()
+
+    def _open_validation(self) -> None:
+        assert self._validation is not None
+        self._open_phase(False, self._validation)
+
+    def _close_phase(self) -> None:
+        if not self._phase_ran:
+            return
+        self._phase_ran = False
+        entry: dict[str, float] = {**self.metrics, "epoch": self.epoch_index}
+        (self.history.training if self.is_training else self.history.validation).append(entry)
+
+    def _first_move(self, batch: Any) -> Any:
+        """Decide, on a phase's first batch, whether batches need moving at all."""
+        if needs_move(batch, self.device):
+            non_blocking = self.device.type == "cuda"
+            device = self.device
+
+            def move(batch: Any) -> Any:
+                return move_to_device(batch, device, non_blocking)
+
+            self._move = move
+            return move(batch)
+        self._move = _unchanged
+        return batch
+
+    def _wind_down_after_stop(self) -> None:
+        errors = self._engine.wind_down()
+        if errors:
+            first, _, _ = errors[0]
+            for error, name, event in errors[1:]:
+                first.add_note(_wind_down_note(error, name, event))
+            self.failure = first
+            raise first
+
+    def _check_fit(self, model: torch.nn.Module, epochs: int) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"epochs must be an integer >= 1; got {epochs!r}.")
+        if self.state not in (INITIAL_STATE, FINAL_STATE):
+            raise LifecycleError(f"fit cannot start from state {self.state!r}.")
+        parameters = {id(p) for p in model.parameters()}
+        foreign = sum(
+            1
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if id(p) not in parameters
+        )
+        if foreign:
+            raise ConfigError(
+                f"The optimizer holds {foreign} parameter(s) that do not belong to the "
+                f"model passed to fit ({type(model).__name__}); build the optimizer from "
+                "this model's parameters()."
+            )
+
+
+def _unchanged(batch: Any) -> Any:
+    return batch
+
+
+def _checked_loss(loss: Any) -> torch.Tensor:
+    if isinstance(loss, torch.Tensor) and loss.ndim == 0:
+        return loss
+    described = (
+        f"a tensor of shape {tuple(loss.shape)}"
+        if isinstance(loss, torch.Tensor)
+        else f"a {type(loss).__name__}"
+    )
+    raise ConfigError(
+        f"loss_fn must return a scalar tensor; it returned {described}. Reduce it "
+        "(for example reduction='mean') or override Step.loss."
+    )
+
+
+def _check_data(name: str, data: object) -> None:
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise ConfigError(
+            f"{name} must be an iterable of batches such as a DataLoader; "
+            f"got {type(data).__name__}."
+        )
+    if isinstance(data, Sized) and len(data) == 0:
+        raise ConfigError(f"{name} holds no batches; give it at least one batch.")
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(
+            f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device; got {device!r}."
+        ) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was requested but CUDA is not available here.")
+    return resolved
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device != device and value.ndim > 0:
+                state[key] = value.to(device)
+
+
+def _wind_down_note(error: BaseException, name: str, event: Event) -> str:
+    return (
+        f"During the wind-down, {name} also raised at {event.value}: "
+        f"{type(error).__name__}: {error}"
+    )

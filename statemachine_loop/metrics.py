@@ -1,0 +1,398 @@
+"""Metrics the loop tracks per phase, and the names that select the built-in ones.
+
+A metric is anything with a ``name`` and ``reset`` / ``update`` / ``compute``
+(:class:`Metric`). The loop calls ``update`` once per batch, so that call sits on the
+hot path: the built-ins only detach the batch and append it to a Python list there.
+Every ``chunk`` batches, or when ``compute`` asks for the value, the buffer is
+concatenated and folded into accumulator tensors on the data's own device, so a
+whole chunk costs a handful of kernel launches and the host waits on the device only
+inside ``compute``. :func:`resolve_metrics` turns the user's list of names and
+objects into metrics, always with ``loss`` first.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from statemachine_loop.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "KNOWN_METRICS",
+    "Metric",
+    "accuracy",
+    "loss",
+    "matthews_correlation",
+    "perplexity",
+    "resolve_metrics",
+    "top_k_accuracy",
+]
+
+#: How many batches a built-in metric buffers before folding them on the device.
+DEFAULT_CHUNK = 64
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """What the loop needs from a metric: a key, and reset / update / compute.
+
+    ``name`` is the key of the value in ``History`` and ``loop.metrics``. ``reset``
+    runs at each phase start; ``update`` runs once per batch with the model output
+    (possibly still attached to the graph), the target, the batch's scalar mean loss
+    and the batch size; ``compute`` returns the value over the batches seen so far
+    (the final value at phase end), ``nan`` when there were none.
+    """
+
+    name: str
+
+    def reset(self) -> None:
+        """Forget every batch seen, ready for a new phase."""
+
+    def update(self, output: Tensor, target: Tensor, loss: Tensor, batch_size: int) -> None:
+        """Record one batch; called on the hot path, so it must stay cheap."""
+
+    def compute(self) -> float:
+        """Return the value over the batches recorded since the last reset."""
+
+
+_Item = TypeVar("_Item")
+
+
+def _float_dtype(device: torch.device) -> torch.dtype:
+    """The widest float the device supports, so long sums keep their precision."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _flat_cat(tensors: list[Tensor], keep_last: bool) -> Tensor:
+    """Join batches, flattened to ``(M,)`` or ``(M, C)``; batch sizes may differ.
+
+    Higher ranks (sequences, maybe of varying length) are flattened one by one first.
+    """
+    if tensors[0].ndim > 1 + keep_last:
+        tensors = [t.reshape(-1, t.shape[-1]) if keep_last else t.reshape(-1) for t in tensors]
+    joined = torch.cat(tensors)
+    return joined.reshape(-1, joined.shape[-1]) if keep_last else joined.reshape(-1)
+
+
+class _BufferedMetric(abc.ABC, Generic[_Item]):
+    """Owns the per-batch buffer and its chunked folding for the built-in metrics.
+
+    Subclasses append one item per batch to ``_buffer`` and call ``_flush`` once it
+    holds ``chunk`` items. They write ``_fold`` (reduce a chunk on the device to a
+    tensor added into ``_total``; may count samples in ``_samples``) and ``_result``
+    (turn the total into the value, reading it back to the host once).
+    """
+
+    def __init__(self, name: str, chunk: int) -> None:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ConfigError(f"A metric's chunk must be a positive int; got {chunk!r}.")
+        self.name = name
+        self.chunk = chunk
+        self._buffer: list[_Item] = []
+        self._total: Tensor | None = None
+        self._samples = 0
+
+    def reset(self) -> None:
+        """Drop the buffer and the accumulators, ready for a new phase."""
+        self._buffer.clear()
+        self._total, self._samples = None, 0
+
+    def compute(self) -> float:
+        """Fold what is still buffered, then read the value back to the host."""
+        if self._buffer:
+            self._flush()
+        return math.nan if self._total is None else self._result(self._total)
+
+    def _flush(self) -> None:
+        items, self._buffer = self._buffer, []
+        partial = self._fold(items)
+        self._total = partial if self._total is None else self._total + partial
+
+    @abc.abstractmethod
+    def _fold(self, items: list[_Item]) -> Tensor:
+        """Reduce one chunk of buffered batches to a partial total on the device."""
+
+    @abc.abstractmethod
+    def _result(self, total: Tensor) -> float:
+        """Turn the running total into the metric's value (``nan`` if empty)."""
+
+
+class _Loss(_BufferedMetric[tuple[Tensor, int]]):
+    """Sample-weighted mean of the per-batch mean loss."""
+
+    def update(self, output: Tensor, target: Tensor, loss: Tensor, batch_size: int) -> None:
+        """Buffer the detached loss and the batch size."""
+        self._buffer.append((loss.detach(), batch_size))
+        if len(self._buffer) >= self.chunk:
+            self._flush()
+
+    def _fold(self, items: list[tuple[Tensor, int]]) -> Tensor:
+        sizes = [size for _, size in items]
+        self._samples += sum(sizes)
+        losses = torch.stack([value for value, _ in items]).reshape(-1)
+        dtype = _float_dtype(losses.device)
+        # Non-blocking from host memory: the copy is queued, the host does not wait.
+        weights = torch.tensor(sizes, dtype=dtype).to(losses.device, non_blocking=True)
+        return (losses.to(dtype) * weights).sum()
+
+    def _result(self, total: Tensor) -> float:
+        return float(total) / self._samples if self._samples else math.nan
+
+
+class _PredictionMetric(_BufferedMetric[tuple[Tensor, Tensor]]):
+    """A metric computed from outputs and targets; checks their layout once a phase.
+
+    The first batch's metadata decides the layout: a single logit per sample (output
+    ``(N,)`` or ``(..., 1)``) is *binary*, anything else *multiclass*, classes on the
+    last dimension and ``target`` of shape ``output.shape[:-1]``. ``_fold_joined``
+    gets a chunk flattened to output ``(M,)`` or ``(M, C)`` and target ``(M,)``.
+    """
+
+    _allow_binary = True
+    _min_classes = 1
+    _binary = False
+    _classes = 0  # 0 until the first batch of a phase has been inspected
+
+    def update(self, output: Tensor, target: Tensor, loss: Tensor, batch_size: int) -> None:
+        """Buffer the detached output and the target."""
+        if self._classes == 0:
+            self._inspect(output, target)
+        self._buffer.append((output.detach(), target))
+        if len(self._buffer) >= self.chunk:
+            self._flush()
+
+    def reset(self) -> None:
+        """Drop buffer and accumulators; the next batch's layout is checked again."""
+        super().reset()
+        self._classes = 0
+
+    def _inspect(self, output: Tensor, target: Tensor) -> None:
+        binary = self._allow_binary and (output.ndim == 1 or output.shape[-1] == 1)
+        shapes = f"got output {tuple(output.shape)} and target {tuple(target.shape)}"
+        if binary and output.numel() != target.numel():
+            raise ConfigError(
+                f"Metric {self.name!r} reads one logit per sample, so output and "
+                f"target need as many elements; {shapes}."
+            )
+        if not binary and (output.ndim == 0 or target.shape != output.shape[:-1]):
+            raise ConfigError(
+                f"Metric {self.name!r} needs an output of shape (..., classes) and a "
+                f"target of shape (...); {shapes}."
+            )
+        classes = 2 if binary else output.shape[-1]
+        if classes < self._min_classes:
+            raise ConfigError(
+                f"Metric {self.name!r} needs at least {self._min_classes} classes "
+                f"on the output's last dimension; {shapes}."
+            )
+        self._binary, self._classes = binary, classes
+
+    def _fold(self, items: list[tuple[Tensor, Tensor]]) -> Tensor:
+        output = _flat_cat([out for out, _ in items], keep_last=not self._binary)
+        target = _flat_cat([tgt for _, tgt in items], keep_last=False)
+        return self._fold_joined(output, target)
+
+    @abc.abstractmethod
+    def _fold_joined(self, output: Tensor, target: Tensor) -> Tensor:
+        """Reduce one flattened chunk to a partial total."""
+
+
+class _TopKAccuracy(_PredictionMetric):
+    """Fraction of samples whose target is among the ``k`` largest logits.
+
+    With ``k == 1`` this is plain accuracy, and a single logit per sample is read as
+    binary: positive when the logit is ``>= 0`` (sigmoid ``>= 0.5``).
+    """
+
+    def __init__(self, name: str, chunk: int, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"top_k_accuracy needs a positive int k; got {k!r}.")
+        super().__init__(name, chunk)
+        self.k = self._min_classes = k
+        self._allow_binary = k == 1
+
+    def _fold_joined(self, output: Tensor, target: Tensor) -> Tensor:
+        self._samples += target.shape[0]
+        if self._binary:
+            return ((output >= 0) == target).sum()
+        if self.k == 1:
+            return (output.argmax(-1) == target).sum()
+        top = output.topk(self.k, dim=-1).indices
+        return (top == target.unsqueeze(-1)).any(-1).sum()
+
+    def _result(self, total: Tensor) -> float:
+        return int(total) / self._samples if self._samples else math.nan
+
+
+class _MatthewsCorrelation(_PredictionMetric):
+    """Matthews correlation (Gorodkin's multiclass form) from a confusion matrix.
+
+    Matches ``sklearn.metrics.matthews_corrcoef``, including ``0.0`` when the
+    denominator is zero. A target outside ``[0, classes)`` cannot be seen without
+    reading device data, so it is counted on the device and ``compute`` raises.
+    """
+
+    def _fold_joined(self, output: Tensor, target: Tensor) -> Tensor:
+        k = self._classes
+        pred = (output >= 0).long() if self._binary else output.argmax(-1)
+        target = target.long()
+        valid = (target >= 0) & (target < k)
+        # Cells 0..k*k-1 are the confusion matrix (row = target, column = prediction);
+        # cell k*k counts targets out of range, which must not index the matrix.
+        cells = torch.where(valid, target * k + pred, k * k)
+        counts = torch.zeros(k * k + 1, dtype=torch.long, device=output.device)
+        return counts.index_add_(0, cells, torch.ones_like(cells))
+
+    def _result(self, total: Tensor) -> float:
+        counts = total.to("cpu", torch.float64)
+        if counts[-1] > 0:
+            raise ConfigError(
+                f"Metric {self.name!r} got {int(counts[-1])} targets outside the "
+                f"classes 0..{self._classes - 1} of the output."
+            )
+        confusion = counts[:-1].reshape(self._classes, self._classes)
+        true_sum, pred_sum = confusion.sum(1), confusion.sum(0)
+        samples, correct = confusion.sum(), confusion.trace()
+        if samples == 0:
+            return math.nan
+        cov_true_pred = correct * samples - true_sum @ pred_sum
+        cov_pred_pred = samples * samples - pred_sum @ pred_sum
+        cov_true_true = samples * samples - true_sum @ true_sum
+        denominator = float(cov_true_true * cov_pred_pred)
+        return 0.0 if denominator == 0 else float(cov_true_pred) / denominator**0.5
+
+
+class _Perplexity(_PredictionMetric):
+    """``exp`` of the token-weighted mean cross-entropy of logits, padding ignored."""
+
+    _allow_binary = False
+
+    def __init__(self, name: str, chunk: int, ignore_index: int) -> None:
+        super().__init__(name, chunk)
+        self.ignore_index = ignore_index
+
+    def _fold_joined(self, output: Tensor, target: Tensor) -> Tensor:
+        if output.dtype in (torch.float16, torch.bfloat16):
+            output = output.float()
+        target = target.long()
+        nll = torch.nn.functional.cross_entropy(
+            output, target, reduction="sum", ignore_index=self.ignore_index
+        )
+        tokens = (target != self.ignore_index).sum()
+        dtype = _float_dtype(output.device)
+        return torch.stack([nll.to(dtype), tokens.to(dtype)])
+
+    def _result(self, total: Tensor) -> float:
+        nll, tokens = total.tolist()
+        return math.exp(nll / tokens) if tokens else math.nan
+
+
+def loss(*, name: str = "loss", chunk: int = DEFAULT_CHUNK) -> Metric:
+    """The loop's loss averaged over samples: ``sum(loss_b * n_b) / sum(n_b)``.
+
+    Weighting by batch size keeps a short last batch from counting as much as a
+    full one, so the value equals the mean loss over the whole phase.
+    """
+    return _Loss(name, chunk)
+
+
+def accuracy(*, name: str = "accuracy", chunk: int = DEFAULT_CHUNK) -> Metric:
+    """Fraction of samples predicted right: argmax of ``(..., C)`` logits, or one logit.
+
+    A single logit per sample (output ``(N,)`` or ``(N, 1)``, target 0/1 as int or
+    float) counts as positive when it is ``>= 0``, the sigmoid's 0.5 threshold.
+    """
+    return _TopKAccuracy(name, chunk, 1)
+
+
+def top_k_accuracy(k: int, *, name: str | None = None, chunk: int = DEFAULT_CHUNK) -> Metric:
+    """Fraction of samples whose target is among the ``k`` largest logits.
+
+    Named ``top{k}_accuracy`` unless ``name`` is given. An output with fewer than
+    ``k`` classes is a :class:`ConfigError` at the first batch.
+    """
+    return _TopKAccuracy(f"top{k}_accuracy" if name is None else name, chunk, k)
+
+
+def matthews_correlation(
+    *, name: str = "matthews_correlation_coefficient", chunk: int = DEFAULT_CHUNK
+) -> Metric:
+    """Matthews correlation coefficient, binary (one logit) or multiclass (argmax).
+
+    Unlike accuracy it stays informative on unbalanced classes; it equals
+    ``sklearn.metrics.matthews_corrcoef`` and is ``0.0`` when undefined.
+    """
+    return _MatthewsCorrelation(name, chunk)
+
+
+def perplexity(
+    ignore_index: int = -100, *, name: str = "perplexity", chunk: int = DEFAULT_CHUNK
+) -> Metric:
+    """``exp`` of the mean cross-entropy per token of logits ``(..., V)``, ids ``(...)``.
+
+    Computed from the output itself, not the loop's loss, so it is comparable across
+    loss functions; tokens equal to ``ignore_index`` (padding) are left out.
+    """
+    return _Perplexity(name, chunk, ignore_index)
+
+
+_BUILTINS: dict[str, Callable[[str], Metric]] = {
+    "loss": lambda name: loss(name=name),
+    "accuracy": lambda name: accuracy(name=name),
+    "top5_accuracy": lambda name: top_k_accuracy(5, name=name),
+    "matthews_correlation_coefficient": lambda name: matthews_correlation(name=name),
+    "mcc": lambda name: matthews_correlation(name=name),
+    "perplexity": lambda name: perplexity(name=name),
+}
+
+#: The metric names :func:`resolve_metrics` accepts (``mcc`` is an alias).
+KNOWN_METRICS: tuple[str, ...] = tuple(_BUILTINS)
+
+
+def resolve_metrics(specs: Sequence[str | Metric]) -> list[Metric]:
+    """Turn names and metric objects into the metrics a loop tracks, ``loss`` first.
+
+    Names build the built-ins, keyed by the spelling asked for (``"mcc"`` stays
+    ``"mcc"``); objects that satisfy :class:`Metric` pass through unchanged. The
+    loss metric is added when missing, because the loop always reports it.
+
+    Raises:
+        ConfigError: for an unknown name, an entry that is neither a name nor a
+            metric, or two metrics with the same name.
+    """
+    if isinstance(specs, str):
+        raise ConfigError(
+            f"metrics must be a sequence of names or Metric objects, not the string "
+            f"{specs!r}; write [{specs!r}] for a single metric."
+        )
+    metrics: list[Metric] = []
+    for spec in specs:
+        if isinstance(spec, str):
+            if spec not in _BUILTINS:
+                raise ConfigError(
+                    f"Unknown metric {spec!r}; the known metrics are {', '.join(KNOWN_METRICS)}."
+                )
+            metrics.append(_BUILTINS[spec](spec))
+        elif isinstance(spec, Metric):
+            metrics.append(spec)
+        else:
+            raise ConfigError(
+                f"A metric must be a name or an object with name, reset, update and "
+                f"compute; got an object of type {type(spec).__name__}."
+            )
+    names = [metric.name for metric in metrics]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(
+                f"Two metrics are named {name!r}; each needs its own name because the "
+                f"name is its key in the history."
+            )
+    if "loss" in names:
+        return [metrics[names.index("loss")]] + [m for m in metrics if m.name != "loss"]
+    return [loss(), *metrics]
