@@ -27,6 +27,7 @@ the same with ``loop.failure`` set, and is re-raised unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence, Sized
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -127,6 +128,10 @@ class TrainingLoop:
         self.failure: BaseException | None = None
         self.decisions: list[DecisionRecord] = []
         self.history = History()
+        #: Set by a callback (``MixedPrecision``) to run forward and loss under autocast.
+        self.autocast: Callable[[], AbstractContextManager[Any]] | None = None
+        #: Set by a callback (``MixedPrecision`` with float16) to scale the loss.
+        self.grad_scaler: torch.amp.GradScaler | None = None
         self._phase_ran = False
         self._move: Callable[[Any], Any] = self._first_move
         self._running = False
@@ -253,12 +258,22 @@ class TrainingLoop:
     def _training_step(self) -> None:
         step, inputs, target = self._step, self.last_step_input, self.last_step_target
         assert self.model is not None
-        output = step.forward(self.model, inputs)
-        self.last_step_output = output
-        loss = self.last_step_loss = _checked_loss(step.loss(self._loss_fn, output, target))
-        torch.autograd.backward(loss)
+        if self.autocast is None:
+            output = self.last_step_output = step.forward(self.model, inputs)
+            loss = step.loss(self._loss_fn, output, target)
+        else:
+            with self.autocast():
+                output = self.last_step_output = step.forward(self.model, inputs)
+                loss = step.loss(self._loss_fn, output, target)
+        loss = self.last_step_loss = _checked_loss(loss)
+        scaler = self.grad_scaler
+        torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
         if self._engine.propose(Event.UPDATE_START) is Event.UPDATE_START:
-            self.optimizer.step()
+            if scaler is None:
+                self.optimizer.step()
+            else:
+                scaler.step(self.optimizer)
+                scaler.update()
             self.optimizer.zero_grad()
         size = step.batch_size(inputs, target)
         for metric in self._metrics:
@@ -267,11 +282,12 @@ class TrainingLoop:
     def _validation_step(self) -> None:
         step, inputs, target = self._step, self.last_step_input, self.last_step_target
         assert self.model is not None
-        output = step.forward(self.model, inputs)
-        self.last_step_output = output
-        if self._engine.propose(Event.INFERENCE_PREDICTION_END) is None:
-            return
-        loss = self.last_step_loss = _checked_loss(step.loss(self._loss_fn, output, target))
+        with self.autocast() if self.autocast is not None else nullcontext():
+            output = self.last_step_output = step.forward(self.model, inputs)
+            if self._engine.propose(Event.INFERENCE_PREDICTION_END) is None:
+                return
+            loss = step.loss(self._loss_fn, output, target)
+        loss = self.last_step_loss = _checked_loss(loss)
         size = step.batch_size(inputs, target)
         for metric in self._metrics:
             metric.update(output, target, loss, size)
