@@ -74,6 +74,8 @@ class Engine:
         self._can_validate = False
         self.winding_down = False
         self.hook_errors: list[tuple[BaseException, str, Event]] = []
+        #: The state the last taken transition left; observers read it as ``previous_state``.
+        self.source = INITIAL_STATE
 
     def _build_machine(self) -> Machine:
         return build_machine(self.model)
@@ -98,6 +100,7 @@ class Engine:
         self._can_validate = can_validate
         self.winding_down = False
         self.hook_errors = []
+        self.source = INITIAL_STATE
         self.machine.set_state(INITIAL_STATE, model=self.model)
 
     def propose(self, event: Event) -> Event | None:
@@ -298,6 +301,7 @@ class CompiledEngine(Engine):
             self._enter(event, entry)
         decision = self._decide(event, state) if self._guards[event] else None
         if decision is None or (event in END_EVENTS and type(decision) is Stop):
+            self.source = state
             model.state = dest
             stop = self._observe(event) if self._observers[event] else None
             if (decision is not None or stop is not None) and not self.winding_down:
@@ -319,6 +323,7 @@ class TransitionsEngine(Engine):
     def __init__(self, loop: TrainingLoop) -> None:
         self._pending: Decision | None = None
         self._observer_stop: Stop | None = None
+        self._source = INITIAL_STATE
         super().__init__(loop)
 
     def _build_machine(self) -> Machine:
@@ -330,6 +335,7 @@ class TransitionsEngine(Engine):
         return pending is None or (event in END_EVENTS and isinstance(pending, Stop))
 
     def _after(self, event: Event) -> None:
+        self.source = self._source
         self._observer_stop = self._observe(event) if self._observers[event] else None
 
     def propose(self, event: Event) -> Event | None:
@@ -342,6 +348,7 @@ class TransitionsEngine(Engine):
             self._enter(event, entry)
         self._pending = None
         self._observer_stop = None
+        self._source = state
         try:
             taken = self.model.trigger(event.value, event)  # type: ignore[attr-defined]
         except MachineError:

@@ -142,6 +142,11 @@ class TrainingLoop:
         return self._engine.model.state
 
     @property
+    def previous_state(self) -> str:
+        """The state the last taken event left: an observer sees ``previous_state -> state``."""
+        return self._engine.source
+
+    @property
     def engine(self) -> str:
         """The name of the engine that runs this loop's events."""
         return self._engine.name
