@@ -133,6 +133,7 @@ class TrainingLoop:
         #: Set by a callback (``MixedPrecision`` with float16) to scale the loss.
         self.grad_scaler: torch.amp.GradScaler | None = None
         self._phase_ran = False
+        self._validation_proposed = False
         self._move: Callable[[Any], Any] = self._first_move
         self._running = False
 
@@ -232,17 +233,19 @@ class TrainingLoop:
 
     def _run_epoch(self) -> None:
         propose = self._engine.propose
+        self._validation_proposed = False  # set by the validation entry, whoever proposes it
         taken = propose(Event.TRAINING_START)
+        if taken is Event.EPOCH_END:
+            return
         if taken is Event.TRAINING_START:
             self._run_phase(self._training, Event.TRAINING_END, self._training_step)
-            taken = None
-        if taken is None and self._validation is not None:
+        if self._validation is not None and not self._validation_proposed:
             taken = propose(Event.VALIDATION_START)
+            if taken is Event.EPOCH_END:
+                return
         if taken is Event.VALIDATION_START:
             assert self._validation is not None
             self._run_phase(self._validation, Event.VALIDATION_END, self._validation_step)
-        elif taken is Event.EPOCH_END:
-            return
         propose(Event.EPOCH_END)
 
     def _run_phase(self, data: Iterable[Any], end: Event, step: Callable[[], None]) -> None:
@@ -317,6 +320,7 @@ class TrainingLoop:
 
     def _open_validation(self) -> None:
         assert self._validation is not None
+        self._validation_proposed = True
         self._open_phase(False, self._validation)
 
     def _close_phase(self) -> None:

@@ -1,0 +1,1 @@
+"""Built-in callbacks: logging and progress, and training control as transition hooks."""
