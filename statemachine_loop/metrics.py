@@ -253,8 +253,8 @@ class _MatthewsCorrelation(_PredictionMetric):
         counts = total.to("cpu", torch.float64)
         if counts[-1] > 0:
             raise ConfigError(
-                f"Metric {self.name!r} got {int(counts[-1])} targets outside the "
-                f"classes 0..{self._classes - 1} of the output."
+                f"Metric {self.name!r} got targets outside the classes "
+                f"0..{self._classes - 1} of the output ({int(counts[-1])} of them)."
             )
         confusion = counts[:-1].reshape(self._classes, self._classes)
         true_sum, pred_sum = confusion.sum(1), confusion.sum(0)
@@ -331,13 +331,14 @@ def matthews_correlation(
     return _MatthewsCorrelation(name, chunk)
 
 
-def perplexity(
-    ignore_index: int = -100, *, name: str = "perplexity", chunk: int = DEFAULT_CHUNK
-) -> Metric:
+def perplexity(ignore_index: int = -100, *, name: str = "perplexity", chunk: int = 1) -> Metric:
     """``exp`` of the mean cross-entropy per token of logits ``(..., V)``, ids ``(...)``.
 
     Computed from the output itself, not the loop's loss, so it is comparable across
-    loss functions; tokens equal to ``ignore_index`` (padding) are left out.
+    loss functions; tokens equal to ``ignore_index`` (padding) are left out. It folds
+    every batch by default (``chunk=1``): language-model logits are large, holding
+    many batches of them would cost gigabytes, and the fold is a device-side
+    cross-entropy that needs no host synchronisation.
     """
     return _Perplexity(name, chunk, ignore_index)
 
