@@ -14,7 +14,7 @@ event, so the hot path touches only those.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import attrs
 
@@ -45,6 +45,10 @@ class Callback:
     otherwise be silently ignored). Override :meth:`state_dict` and
     :meth:`load_state_dict` for state that must survive a checkpoint and resume.
     """
+
+    #: Run after every other callback, whatever the list order: for callbacks that must
+    #: see the others' work on the same event (``Checkpoint`` saves their state).
+    runs_last: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

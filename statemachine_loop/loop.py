@@ -26,7 +26,8 @@ the same with ``loop.failure`` set, and is re-raised unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence, Sized
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
@@ -38,8 +39,21 @@ from statemachine_loop.dispatch import ENGINES, Stopping
 from statemachine_loop.errors import ConfigError, LifecycleError
 from statemachine_loop.events import Event
 from statemachine_loop.history import History
+from statemachine_loop.loop_state import ResumePoint, capture, resolve_resume
 from statemachine_loop.machine import FINAL_STATE, INITIAL_STATE
 from statemachine_loop.metrics import Metric, resolve_metrics
+from statemachine_loop.preflight import (
+    check_data,
+    check_fit_arguments,
+    checked_loss,
+    move_optimizer_state,
+    resolve_device,
+)
+from statemachine_loop.resume import (
+    phase_start_rng,
+    restore_phase_start_rng,
+    resumed_data,
+)
 from statemachine_loop.step import LossFn, Step, move_to_device, needs_move
 
 __all__ = ["TrainingLoop"]
@@ -80,9 +94,9 @@ class TrainingLoop:
         engine: Literal["compiled", "transitions"] = "compiled",
         step: Step | None = None,
     ) -> None:
-        _check_data("training", training)
+        check_data("training", training)
         if validation is not None:
-            _check_data("validation", validation)
+            check_data("validation", validation)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
                 f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}."
@@ -100,6 +114,9 @@ class TrainingLoop:
         collect_hooks(self.callbacks)  # fail on a bad callback now, not at fit time
         self._training = training
         self._validation = validation
+        self._datasets: tuple[Iterable[Any], ...] = (
+            (training,) if validation is None else (training, validation)
+        )
         self._loss_fn = loss_fn
         self._step = step if step is not None else Step()
         self._metrics = resolve_metrics(metrics)
@@ -111,6 +128,7 @@ class TrainingLoop:
             Event.VALIDATION_START: self._open_validation,
             Event.TRAINING_END: self._close_phase,
             Event.VALIDATION_END: self._close_phase,
+            Event.EPOCH_END: self._close_epoch,
         }
         self.model: torch.nn.Module | None = None
         self.device = torch.device("cpu")
@@ -132,8 +150,15 @@ class TrainingLoop:
         self.autocast: Callable[[], AbstractContextManager[Any]] | None = None
         #: Set by a callback (``MixedPrecision`` with float16) to scale the loss.
         self.grad_scaler: torch.amp.GradScaler | None = None
+        #: Where the checkpoint this fit resumed from was read, or ``None``.
+        self.resumed_from: str | None = None
         self._phase_ran = False
         self._validation_proposed = False
+        self._next_epoch = 0  # the epoch a checkpoint taken now would continue with
+        self._next_batch = 0  # likewise, the next batch of the current phase
+        self._phase_rng: dict[str, Any] | None = None
+        self._fit_callbacks: list[CallbackLike] = []
+        self._resume: ResumePoint | None = None
         self._move: Callable[[Any], Any] = self._first_move
         self._running = False
 
@@ -168,24 +193,41 @@ class TrainingLoop:
         *,
         device: str | torch.device = "cpu",
         callbacks: Sequence[CallbackLike] = (),
+        resume: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     ) -> History:
         """Train ``model`` for ``epochs`` epochs and return the :class:`History`.
 
-        ``callbacks`` are added after the loop's own for this fit only. After a stop
-        the fit returns normally with ``stop_reason`` set; after an exception every
-        open scope is closed (so writers flush) and the original exception is
-        re-raised. ``stop_reason``, ``failure`` and ``decisions`` stay readable until
-        the next ``fit``.
+        ``callbacks`` are added after the loop's own for this fit only (callbacks
+        whose class sets ``runs_last``, such as ``Checkpoint``, move to the end so
+        they see every other callback's work). After a stop the fit returns normally
+        with ``stop_reason`` set; after an exception every open scope is closed (so
+        writers flush) and the original exception is re-raised. ``stop_reason``,
+        ``failure`` and ``decisions`` stay readable until the next ``fit``.
+
+        ``resume`` continues from a checkpoint: a file or directory path, a payload
+        from :meth:`state_dict`, or ``"auto"`` for the newest valid checkpoint of the fit's ``Checkpoint``
+        callback (a fresh start when there is none; ``resumed_from`` says which).
+        The resumed run re-enters the saved state by firing ``fit_start`` and the
+        start events of the scopes that were open, with ``resuming`` true, then goes
+        on exactly as the interrupted run would have.
         """
         if self._running:
             raise LifecycleError(
                 f"fit was called while this loop is already fitting (state {self.state!r})."
             )
-        self._check_fit(model, epochs)
-        hooks = collect_hooks([*self.callbacks, *callbacks])
-        self.device = _resolve_device(device)
+        check_fit_arguments(model, epochs, self.optimizer)
+        if self.state not in (INITIAL_STATE, FINAL_STATE):
+            raise LifecycleError(f"fit cannot start from state {self.state!r}.")
+        ordered = [*self.callbacks, *callbacks]
+        self._fit_callbacks = [
+            *(c for c in ordered if not getattr(c, "runs_last", False)),
+            *(c for c in ordered if getattr(c, "runs_last", False)),
+        ]
+        hooks = collect_hooks(self._fit_callbacks)
+        self._resume, self.resumed_from = resolve_resume(resume, self._fit_callbacks)
+        self.device = resolve_device(device)
         self.model = model.to(self.device)
-        _move_optimizer_state(self.optimizer, self.device)
+        move_optimizer_state(self.optimizer, self.device)
         self.epoch_count = epochs
         self.epoch_index = self.batch_index = 0
         self.batch_count = None
@@ -196,6 +238,11 @@ class TrainingLoop:
         self.failure = None
         self.decisions = []
         self.history = History()
+        self._next_epoch = self._next_batch = 0
+        if self._resume is not None:
+            self._resume.restore_before_fit(self)
+            self.resuming = True
+            self.epoch_index = self._resume.next_epoch
         self._engine.bind(hooks, self._entries, can_validate=self._validation is not None)
         grad_enabled = torch.is_grad_enabled()
         self._running = True
@@ -220,48 +267,91 @@ class TrainingLoop:
 
     def _run_fit(self) -> None:
         propose = self._engine.propose
+        resume, self._resume = self._resume, None
         if propose(Event.FIT_START) is None:
             return
-        for epoch_index in range(self.epoch_count):
-            self.epoch_index = epoch_index
+        first_epoch = 0
+        if resume is not None:
+            resume.restore_after_fit_start(self)
+            first_epoch = resume.next_epoch
+            if not resume.mid_phase:
+                resume.restore_rng(self)
+                self.resuming, resume = False, None
+        for epoch_index in range(first_epoch, self.epoch_count):
+            self.epoch_index = self._next_epoch = epoch_index
             taken = propose(Event.EPOCH_START)
             if taken is Event.FIT_END:
                 return
             if taken is Event.EPOCH_START:
-                self._run_epoch()
+                self._run_epoch(resume)
+            elif resume is not None:
+                raise _reentry_refused(Event.EPOCH_START)
+            else:
+                self._next_epoch = epoch_index + 1  # a vetoed epoch still counts
+            resume = None
         propose(Event.FIT_END)
 
-    def _run_epoch(self) -> None:
+    def _run_epoch(self, resume: ResumePoint | None) -> None:
         propose = self._engine.propose
         self._validation_proposed = False  # set by the validation entry, whoever proposes it
-        taken = propose(Event.TRAINING_START)
-        if taken is Event.EPOCH_END:
-            return
-        if taken is Event.TRAINING_START:
-            self._run_phase(self._training, Event.TRAINING_END, self._training_step)
+        taken: Event | None = None
+        if resume is None or resume.state == "training":
+            taken = propose(Event.TRAINING_START)
+            if taken is Event.EPOCH_END:
+                return
+            if taken is Event.TRAINING_START:
+                self._run_phase(self._training, Event.TRAINING_END, self._training_step, resume)
+            elif resume is not None:
+                raise _reentry_refused(Event.TRAINING_START)
+            resume = None
         if self._validation is not None and not self._validation_proposed:
             taken = propose(Event.VALIDATION_START)
             if taken is Event.EPOCH_END:
                 return
         if taken is Event.VALIDATION_START:
             assert self._validation is not None
-            self._run_phase(self._validation, Event.VALIDATION_END, self._validation_step)
+            self._run_phase(self._validation, Event.VALIDATION_END, self._validation_step, resume)
+        elif resume is not None:
+            raise _reentry_refused(Event.VALIDATION_START)
         propose(Event.EPOCH_END)
 
-    def _run_phase(self, data: Iterable[Any], end: Event, step: Callable[[], None]) -> None:
+    def _run_phase(
+        self,
+        data: Iterable[Any],
+        end: Event,
+        step: Callable[[], None],
+        resume: ResumePoint | None,
+    ) -> None:
         propose = self._engine.propose
         split = self._step.split
-        for batch_index, batch in enumerate(data):
+        first = self._next_batch = 0
+        if resume is None:
+            self._phase_rng = phase_start_rng(data)
+        else:
+            data, first = self._reenter_phase(data, resume), resume.next_batch
+        for batch_index, batch in enumerate(data, first):
             self.batch_index = batch_index
             self.last_step_input, self.last_step_target = split(self._move(batch))
             taken = propose(Event.BATCH_START)
             if taken is Event.BATCH_START:
                 self._phase_ran = True
                 step()
+                self._next_batch = batch_index + 1
                 propose(Event.BATCH_END)
             elif taken is end:
                 return
+            else:
+                self._next_batch = batch_index + 1
         propose(end)
+
+    def _reenter_phase(self, data: Iterable[Any], resume: ResumePoint) -> Iterable[Any]:
+        """Restore the phase's state after its re-entered start; the data from the next batch."""
+        resume.restore_phase(self)
+        phase_rng = self._phase_rng = resume.payload["phase"]["rng"]
+        restore_phase_start_rng(data, phase_rng)
+        self._next_batch = resume.next_batch
+        self.resuming = False
+        return resumed_data(data, resume.next_batch, lambda: resume.restore_rng(self))
 
     def _training_step(self) -> None:
         step, inputs, target = self._step, self.last_step_input, self.last_step_target
@@ -273,7 +363,7 @@ class TrainingLoop:
             with self.autocast():
                 output = self.last_step_output = step.forward(self.model, inputs)
                 loss = step.loss(self._loss_fn, output, target)
-        loss = self.last_step_loss = _checked_loss(loss)
+        loss = self.last_step_loss = checked_loss(loss)
         scaler = self.grad_scaler
         torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
         if self._engine.propose(Event.UPDATE_START) is Event.UPDATE_START:
@@ -295,7 +385,7 @@ class TrainingLoop:
             if self._engine.propose(Event.INFERENCE_PREDICTION_END) is None:
                 return
             loss = step.loss(self._loss_fn, output, target)
-        loss = self.last_step_loss = _checked_loss(loss)
+        loss = self.last_step_loss = checked_loss(loss)
         size = step.batch_size(inputs, target)
         for metric in self._metrics:
             metric.update(output, target, loss, size)
@@ -330,6 +420,18 @@ class TrainingLoop:
         entry: dict[str, float] = {**self.metrics, "epoch": self.epoch_index}
         (self.history.training if self.is_training else self.history.validation).append(entry)
 
+    def _close_epoch(self) -> None:
+        self._next_epoch = self.epoch_index + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain data (see ``Checkpoint``).
+
+        Legal between epochs and at batch boundaries: in observers of ``batch_end``
+        and ``epoch_end``, and in guards of ``batch_start``, ``epoch_start`` and the
+        phase ends.
+        """
+        return capture(self)
+
     def _first_move(self, batch: Any) -> Any:
         """Decide, on a phase's first batch, whether batches need moving at all."""
         if needs_move(batch, self.device):
@@ -353,73 +455,16 @@ class TrainingLoop:
             self.failure = first
             raise first
 
-    def _check_fit(self, model: torch.nn.Module, epochs: int) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError(f"epochs must be an integer >= 1; got {epochs!r}.")
-        if self.state not in (INITIAL_STATE, FINAL_STATE):
-            raise LifecycleError(f"fit cannot start from state {self.state!r}.")
-        parameters = {id(p) for p in model.parameters()}
-        foreign = sum(
-            1
-            for group in self.optimizer.param_groups
-            for p in group["params"]
-            if id(p) not in parameters
-        )
-        if foreign:
-            raise ConfigError(
-                f"The optimizer holds {foreign} parameter(s) that do not belong to the "
-                f"model passed to fit ({type(model).__name__}); build the optimizer from "
-                "this model's parameters()."
-            )
-
 
 def _unchanged(batch: Any) -> Any:
     return batch
 
 
-def _checked_loss(loss: Any) -> torch.Tensor:
-    if isinstance(loss, torch.Tensor) and loss.ndim == 0:
-        return loss
-    described = (
-        f"a tensor of shape {tuple(loss.shape)}"
-        if isinstance(loss, torch.Tensor)
-        else f"a {type(loss).__name__}"
+def _reentry_refused(event: Event) -> LifecycleError:
+    return LifecycleError(
+        f"Resuming needs {event.value!r} to be taken to re-enter the saved state, but a "
+        "guard refused it; guards can read loop.resuming to let re-entry events pass."
     )
-    raise ConfigError(
-        f"loss_fn must return a scalar tensor; it returned {described}. Reduce it "
-        "(for example reduction='mean') or override Step.loss."
-    )
-
-
-def _check_data(name: str, data: object) -> None:
-    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
-        raise ConfigError(
-            f"{name} must be an iterable of batches such as a DataLoader; "
-            f"got {type(data).__name__}."
-        )
-    if isinstance(data, Sized) and len(data) == 0:
-        raise ConfigError(f"{name} holds no batches; give it at least one batch.")
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ConfigError(
-            f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device; got {device!r}."
-        ) from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was requested but CUDA is not available here.")
-    return resolved
-
-
-def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.device != device and value.ndim > 0:
-                state[key] = value.to(device)
 
 
 def _wind_down_note(error: BaseException, name: str, event: Event) -> str:

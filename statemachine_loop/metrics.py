@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Sequence
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -109,10 +109,25 @@ class _BufferedMetric(abc.ABC, Generic[_Item]):
             self._flush()
         return math.nan if self._total is None else self._result(self._total)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The phase's accumulated state, for a checkpoint taken mid-phase."""
+        if self._buffer:
+            self._flush()
+        return {"total": self._total, "samples": self._samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume accumulating from :meth:`state_dict`'s result."""
+        self._buffer.clear()
+        self._total, self._samples = state["total"], int(state["samples"])
+
     def _flush(self) -> None:
         items, self._buffer = self._buffer, []
         partial = self._fold(items)
-        self._total = partial if self._total is None else self._total + partial
+        if self._total is None:
+            self._total = partial
+        else:
+            # A total restored from a checkpoint lives on the CPU until the first fold.
+            self._total = self._total.to(partial.device) + partial
 
     @abc.abstractmethod
     def _fold(self, items: list[_Item]) -> Tensor:
@@ -171,6 +186,15 @@ class _PredictionMetric(_BufferedMetric[tuple[Tensor, Tensor]]):
         """Drop buffer and accumulators; the next batch's layout is checked again."""
         super().reset()
         self._classes = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Accumulators plus the layout read off the phase's first batch."""
+        return {**super().state_dict(), "binary": self._binary, "classes": self._classes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume accumulating, with the layout already checked."""
+        super().load_state_dict(state)
+        self._binary, self._classes = bool(state["binary"]), int(state["classes"])
 
     def _inspect(self, output: Tensor, target: Tensor) -> None:
         binary = self._allow_binary and (output.ndim == 1 or output.shape[-1] == 1)

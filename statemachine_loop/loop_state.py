@@ -1,0 +1,235 @@
+"""A loop's state at a batch boundary, as a checkpoint payload, and its restoration.
+
+:func:`capture` is what ``TrainingLoop.state_dict()`` returns: everything a resumed
+run needs to continue exactly — model, optimizer, grad scaler, History, every
+callback's ``state_dict``, the position (machine state, epoch, next batch), random
+state, and, mid-phase, the phase's metric accumulators, pending gradients (vetoed
+updates accumulate them) and the phase-start random state that fixes the data order.
+The payload holds only tensors and plain data, so it loads with
+``torch.load(weights_only=True)``.
+
+:class:`ResumePoint` reads a payload back; the driver re-enters the saved state by
+firing ``fit_start`` and the open scopes' start events, restoring each part right
+after the event whose entry work would otherwise reset it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from statemachine_loop.callback import Callback
+from statemachine_loop.errors import ConfigError, LifecycleError
+from statemachine_loop.history import History
+from statemachine_loop.resume import capture_rng, data_rng, restore_data_rng, restore_rng
+
+if TYPE_CHECKING:
+    from statemachine_loop.loop import TrainingLoop
+
+__all__ = [
+    "FORMAT",
+    "RESUMABLE_STATES",
+    "ResumePoint",
+    "callback_states",
+    "capture",
+    "resolve_resume",
+]
+
+#: Identifies a loop payload inside a checkpoint file.
+FORMAT = "statemachine_loop.loop_state/1"
+#: The states a checkpoint can be taken in: between epochs, or at a batch boundary.
+RESUMABLE_STATES = ("fit", "training", "validation")
+
+
+def _keyed(callbacks: Sequence[object]) -> list[tuple[str, Callback]]:
+    """Stateful callbacks keyed by name, ``#2``, ``#3`` ... for repeated names."""
+    seen: dict[str, int] = {}
+    keyed: list[tuple[str, Callback]] = []
+    for callback in callbacks:
+        if isinstance(callback, Callback):
+            count = seen[callback.name] = seen.get(callback.name, 0) + 1
+            keyed.append((callback.name if count == 1 else f"{callback.name}#{count}", callback))
+    return keyed
+
+
+def callback_states(callbacks: Sequence[object]) -> dict[str, dict[str, Any]]:
+    """Every callback's ``state_dict``, keyed as :func:`restore_callbacks` expects."""
+    return {key: callback.state_dict() for key, callback in _keyed(callbacks)}
+
+
+def capture(loop: TrainingLoop) -> dict[str, Any]:
+    """The loop's checkpoint payload; only legal where a resumed run can re-enter."""
+    state = loop.state
+    if state not in RESUMABLE_STATES or loop.model is None:
+        raise LifecycleError(
+            f"A checkpoint can be taken only between epochs or at a batch boundary "
+            f"(states {list(RESUMABLE_STATES)}); the loop is in state {state!r}."
+        )
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "position": {
+            "state": state,
+            "epoch_index": loop.epoch_index,
+            "batch_index": loop.batch_index,
+            "next_epoch": loop._next_epoch,
+            "next_batch": loop._next_batch if state != "fit" else 0,
+            "epoch_count": loop.epoch_count,
+        },
+        "model": loop.model.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "grad_scaler": None if loop.grad_scaler is None else loop.grad_scaler.state_dict(),
+        "history": loop.history.as_dict(),
+        "callbacks": callback_states(loop._fit_callbacks),
+        "rng": capture_rng(),
+        "data_rng": data_rng(loop._datasets),
+    }
+    if state != "fit":
+        payload["phase"] = {
+            "metrics": {metric.name: _metric_state(metric) for metric in loop._metrics},
+            "grads": {
+                name: parameter.grad.detach().clone()
+                for name, parameter in loop.model.named_parameters()
+                if parameter.grad is not None
+            },
+            "ran": loop._phase_ran,
+            "rng": loop._phase_rng,
+        }
+    return payload
+
+
+def _metric_state(metric: object) -> dict[str, Any] | None:
+    state_dict = getattr(metric, "state_dict", None)
+    if state_dict is None:
+        warnings.warn(
+            f"Metric {getattr(metric, 'name', metric)!r} has no state_dict(); after a "
+            "mid-phase resume its value covers only the batches after the resume.",
+            stacklevel=4,
+        )
+        return None
+    result: dict[str, Any] = state_dict()
+    return result
+
+
+@attrs.frozen
+class ResumePoint:
+    """Where a checkpoint left the loop, and the payload to restore from."""
+
+    state: str
+    epoch_index: int
+    batch_index: int
+    next_epoch: int
+    next_batch: int
+    payload: dict[str, Any]
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], source: str) -> ResumePoint:
+        """Check that ``payload`` is a loop state and read its position."""
+        if payload.get("format") != FORMAT:
+            raise ConfigError(
+                f"{source} is not a statemachine_loop checkpoint (format "
+                f"{payload.get('format')!r}, expected {FORMAT!r})."
+            )
+        position = payload["position"]
+        return cls(
+            state=position["state"],
+            epoch_index=int(position["epoch_index"]),
+            batch_index=int(position["batch_index"]),
+            next_epoch=int(position["next_epoch"]),
+            next_batch=int(position["next_batch"]),
+            payload=payload,
+        )
+
+    @property
+    def mid_phase(self) -> bool:
+        """Whether the checkpoint was taken inside a training or validation phase."""
+        return self.state != "fit"
+
+    def restore_before_fit(self, loop: TrainingLoop) -> None:
+        """Model, optimizer and History: what observers of the re-entry events may read."""
+        assert loop.model is not None
+        try:
+            loop.model.load_state_dict(self.payload["model"])
+            loop.optimizer.load_state_dict(self.payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ConfigError(
+                f"The checkpoint does not fit this model and optimizer: {error}"
+            ) from error
+        history = self.payload["history"]
+        loop.history = History(training=history["training"], validation=history["validation"])
+
+    def restore_after_fit_start(self, loop: TrainingLoop) -> None:
+        """Callbacks' state and the grad scaler, after their ``on_fit_start`` set them up."""
+        saved: dict[str, dict[str, Any]] = self.payload["callbacks"]
+        current = dict(_keyed(loop._fit_callbacks))
+        unknown = sorted(set(saved) - set(current))
+        if unknown:
+            raise ConfigError(
+                f"The checkpoint holds state for callbacks {unknown} that this fit does not "
+                f"have (it has {sorted(current)}); resume with the same callbacks."
+            )
+        for key, state in saved.items():
+            current[key].load_state_dict(state)
+        scaler_state = self.payload["grad_scaler"]
+        if scaler_state is not None and loop.grad_scaler is not None:
+            loop.grad_scaler.load_state_dict(scaler_state)
+
+    def restore_rng(self, loop: TrainingLoop) -> None:
+        """Every generator as it was at the checkpoint: global ones and the data's own."""
+        restore_rng(self.payload["rng"])
+        restore_data_rng(loop._datasets, self.payload["data_rng"])
+
+    def restore_phase(self, loop: TrainingLoop) -> None:
+        """Metric accumulators and pending gradients, after the phase start's reset."""
+        assert loop.model is not None
+        phase = self.payload["phase"]
+        for metric in loop._metrics:
+            state = phase["metrics"].get(metric.name)
+            load = getattr(metric, "load_state_dict", None)
+            if state is not None and load is not None:
+                load(state)
+        grads: dict[str, torch.Tensor] = phase["grads"]
+        for name, parameter in loop.model.named_parameters():
+            grad = grads.get(name)
+            parameter.grad = None if grad is None else grad.to(parameter.device)
+        loop._phase_ran = bool(phase["ran"])
+        loop.batch_index = self.batch_index
+
+
+def resolve_resume(
+    resume: str | os.PathLike[str] | Mapping[str, Any] | None, callbacks: Sequence[object]
+) -> tuple[ResumePoint | None, str | None]:
+    """Read the checkpoint ``fit(resume=...)`` names; ``(None, None)`` for a fresh start.
+
+    ``"auto"`` takes the newest valid checkpoint in the directory of the fit's
+    ``Checkpoint`` callback (corrupt newer ones are skipped with a warning), or
+    starts fresh when there is none. A mapping is a payload already in memory, as
+    returned by ``loop.state_dict()``.
+    """
+    if resume is None:
+        return None, None
+    if isinstance(resume, Mapping):
+        return ResumePoint.from_payload(dict(resume), "the given state"), "<memory>"
+    from statemachine_loop.callbacks.checkpoint import Checkpoint
+    from statemachine_loop.checkpoint_io import latest_valid_checkpoint, load_checkpoint
+
+    if resume == "auto":
+        checkpointers = [c for c in callbacks if isinstance(c, Checkpoint)]
+        if not checkpointers:
+            raise ConfigError(
+                'resume="auto" needs a Checkpoint callback in the fit to know where '
+                "checkpoints are; add one or pass resume=<path>."
+            )
+        info = latest_valid_checkpoint(checkpointers[0].directory)
+        if info is None:
+            return None, None
+        path = info.path
+    else:
+        path = Path(resume)
+    payload, info = load_checkpoint(path)
+    return ResumePoint.from_payload(payload, str(info.path)), str(info.path)
