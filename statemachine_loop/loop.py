@@ -205,8 +205,9 @@ class TrainingLoop:
         ``failure`` and ``decisions`` stay readable until the next ``fit``.
 
         ``resume`` continues from a checkpoint: a file or directory path, a payload
-        from :meth:`state_dict`, or ``"auto"`` for the newest valid checkpoint of the fit's ``Checkpoint``
-        callback (a fresh start when there is none; ``resumed_from`` says which).
+        from :meth:`state_dict`, or ``"auto"`` for the newest valid checkpoint of the
+        fit's ``Checkpoint`` callback (a fresh start when there is none;
+        ``resumed_from`` says which).
         The resumed run re-enters the saved state by firing ``fit_start`` and the
         start events of the scopes that were open, with ``resuming`` true, then goes
         on exactly as the interrupted run would have.
