@@ -153,6 +153,12 @@ class ResumePoint:
     def restore_before_fit(self, loop: TrainingLoop) -> None:
         """Model, optimizer and History: what observers of the re-entry events may read."""
         assert loop.model is not None
+        last = self.epoch_index if self.mid_phase else self.next_epoch - 1
+        if last >= loop.epoch_count:
+            raise ConfigError(
+                f"The checkpoint is at epoch index {last} but this fit asks for only "
+                f"{loop.epoch_count} epoch(s); pass epochs > {last} to continue it."
+            )
         try:
             loop.model.load_state_dict(self.payload["model"])
             loop.optimizer.load_state_dict(self.payload["optimizer"])
