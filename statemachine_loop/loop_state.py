@@ -59,8 +59,13 @@ def _keyed(callbacks: Sequence[object]) -> list[tuple[str, Callback]]:
 
 
 def callback_states(callbacks: Sequence[object]) -> dict[str, dict[str, Any]]:
-    """Every callback's ``state_dict``, keyed as :func:`restore_callbacks` expects."""
-    return {key: callback.state_dict() for key, callback in _keyed(callbacks)}
+    """The non-empty ``state_dict`` of every callback, keyed by name (``#2`` for repeats).
+
+    Stateless callbacks are left out, so adding or removing one (a progress bar, a
+    printer) does not stop a checkpoint from resuming.
+    """
+    states = {key: callback.state_dict() for key, callback in _keyed(callbacks)}
+    return {key: state for key, state in states.items() if state}
 
 
 def capture(loop: TrainingLoop) -> dict[str, Any]:
@@ -222,7 +227,7 @@ def resolve_resume(
     if isinstance(resume, Mapping):
         return ResumePoint.from_payload(dict(resume), "the given state"), "<memory>"
     from statemachine_loop.callbacks.checkpoint import Checkpoint
-    from statemachine_loop.checkpoint_io import latest_valid_checkpoint, load_checkpoint
+    from statemachine_loop.checkpoint_io import list_checkpoints, load_checkpoint
 
     if resume == "auto":
         checkpointers = [c for c in callbacks if isinstance(c, Checkpoint)]
@@ -231,10 +236,9 @@ def resolve_resume(
                 'resume="auto" needs a Checkpoint callback in the fit to know where '
                 "checkpoints are; add one or pass resume=<path>."
             )
-        info = latest_valid_checkpoint(checkpointers[0].directory)
-        if info is None:
+        path = checkpointers[0].directory
+        if not list_checkpoints(path):
             return None, None
-        path = info.path
     else:
         path = Path(resume)
     payload, info = load_checkpoint(path)
