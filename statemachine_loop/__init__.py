@@ -13,12 +13,14 @@ from statemachine_loop.errors import (
     IllegalRedirectError,
     LifecycleError,
     LoopError,
+    MissingDependencyError,
 )
 from statemachine_loop.events import Event
 from statemachine_loop.history import History
 from statemachine_loop.loop import TrainingLoop
 from statemachine_loop.machine import lifecycle_diagram
 from statemachine_loop.metrics import Metric
+from statemachine_loop.schedules import Schedule, Segment
 from statemachine_loop.step import Step
 
 __all__ = [
@@ -33,6 +35,9 @@ __all__ = [
     "LifecycleError",
     "LoopError",
     "Metric",
+    "MissingDependencyError",
+    "Schedule",
+    "Segment",
     "Redirect",
     "Step",
     "Stop",

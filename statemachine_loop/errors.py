@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "MissingDependencyError",
     "ConflictingDecisionsError",
     "IllegalRedirectError",
     "LifecycleError",
@@ -53,4 +54,12 @@ class ConflictingDecisionsError(LifecycleError):
 
     Precedence settles every other disagreement (``Stop`` > ``Redirect`` > ``Veto``);
     two different redirect targets cannot be settled, so the loop refuses to guess.
+    """
+
+
+class MissingDependencyError(LoopError, ImportError):
+    """An optional feature needs a package that is not installed; the message says which.
+
+    For example ``Schedule.plot`` needs matplotlib (the ``plot`` extra) and
+    ``lifecycle_diagram("dot")`` needs graphviz (the ``diagrams`` extra).
     """

@@ -168,6 +168,21 @@ class TrainingLoop:
         return self._engine.model.state
 
     @property
+    def active_callbacks(self) -> tuple[CallbackLike, ...]:
+        """The callbacks of the current (or last) fit, in the order their hooks run."""
+        return tuple(self._fit_callbacks)
+
+    @property
+    def step(self) -> Step:
+        """The :class:`Step` that splits batches and computes outputs and losses."""
+        return self._step
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the loop has validation data, so validation phases can run."""
+        return self._validation is not None
+
+    @property
     def previous_state(self) -> str:
         """The state the last taken event left: an observer sees ``previous_state -> state``."""
         return self._engine.source

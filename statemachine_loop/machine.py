@@ -21,6 +21,7 @@ entries are checked against the machine when the module is imported.
 from __future__ import annotations
 
 import collections
+import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
@@ -209,10 +210,16 @@ def lifecycle_diagram(fmt: Literal["mermaid", "dot"] = "mermaid") -> str:
     """
     from transitions.extensions import GraphMachine
 
-    if fmt not in ("mermaid", "dot"):
-        from statemachine_loop.errors import ConfigError
+    from statemachine_loop.errors import ConfigError, MissingDependencyError
 
+    if fmt not in ("mermaid", "dot"):
         raise ConfigError(f"fmt must be 'mermaid' or 'dot', got {fmt!r}.")
+    # transitions quietly falls back to mermaid without graphviz; say so instead.
+    if fmt == "dot" and importlib.util.find_spec("graphviz") is None:
+        raise MissingDependencyError(
+            "The DOT diagram needs the graphviz Python package; install it with "
+            "pip install 'statemachine-loop[diagrams]' (or pip install graphviz)."
+        )
     engine: Literal["mermaid", "graphviz"] = "mermaid" if fmt == "mermaid" else "graphviz"
     kwargs = _machine_kwargs(MachineModel())
     graph = GraphMachine(**kwargs, graph_engine=engine, title="statemachine_loop lifecycle")
