@@ -158,7 +158,7 @@ class Engine:
             try:
                 decision = guard(loop)
                 if decision is not None:
-                    self._check_guard_decision(event, state, name, decision)
+                    _check_decision_type(event, name, decision)
                     decided.append((name, decision))
             except BaseException as exc:
                 self._failed(exc, name, event)
@@ -168,7 +168,15 @@ class Engine:
             for name, decision in decided:
                 self._record(event, state, name, decision, applied=False, why="wind-down")
             return None
-        winner, applied = resolve(event, decided)
+        try:
+            for name, decision in decided:
+                self._check_guard_decision(event, state, name, decision)
+            winner, applied = resolve(event, decided)
+        except LifecycleError:
+            # Every decision is recorded, the refused ones too, before the error winds down.
+            for name, decision in decided:
+                self._record(event, state, name, decision, applied=False, why="refused")
+            raise
         for (name, decision), was_applied in zip(decided, applied, strict=True):
             self._record(
                 event,
@@ -182,13 +190,10 @@ class Engine:
             self._set_stop_reason(winner, decided, event)
         return winner
 
-    def _check_guard_decision(self, event: Event, state: str, name: str, decision: object) -> None:
-        if not isinstance(decision, Veto | Redirect | Stop):
-            raise LifecycleError(
-                f"Guard guard_{event.value} of {name} returned {decision!r}; a guard must "
-                "return None, Veto(reason), Redirect(event, reason) or Stop(reason)."
-            )
-        if self.winding_down or isinstance(decision, Stop):
+    def _check_guard_decision(
+        self, event: Event, state: str, name: str, decision: Decision
+    ) -> None:
+        if isinstance(decision, Stop):
             return
         kind = kind_of(decision).value
         if event in END_EVENTS:
@@ -210,9 +215,14 @@ class Engine:
                 )
 
     def _observe(self, event: Event) -> Stop | None:
-        """Call every observer of ``event``; return the first applied ``Stop``."""
+        """Call every observer of ``event``; return the first applied ``Stop``.
+
+        The event has happened, so every observer sees it even when one raises: the
+        first exception is raised after the last observer, later ones attached as notes.
+        """
         loop = self._loop
         stop: Stop | None = None
+        raised: list[tuple[BaseException, str]] = []
         for name, observer in self._observers[event]:
             try:
                 result = observer(loop)
@@ -224,19 +234,29 @@ class Engine:
                         "observer may return only None or Stop(reason)."
                     )
             except BaseException as exc:
-                self._failed(exc, name, event)
+                if self.winding_down:
+                    self._failed(exc, name, event)
+                else:
+                    raised.append((exc, name))
                 continue
             state = self.model.state
             if self.winding_down:
                 self._record(
                     event, state, name, result, applied=False, why="wind-down", from_observer=True
                 )
-            elif stop is not None:
-                self._record(event, state, name, result, applied=True, why=None, from_observer=True)
-            else:
+                continue
+            self._record(event, state, name, result, applied=True, why=None, from_observer=True)
+            if stop is None:
                 stop = result
-                self._record(event, state, name, result, applied=True, why=None, from_observer=True)
                 self._set_stop_reason(result, [(name, result)], event)
+        if raised:
+            first = raised[0][0]
+            for later, name in raised[1:]:
+                first.add_note(
+                    f"Observer {name} also raised at {event.value}: "
+                    f"{type(later).__name__}: {later}"
+                )
+            raise first
         return stop
 
     def _follow(self, event: Event, decision: Decision) -> Event | None:
@@ -360,6 +380,14 @@ class TransitionsEngine(Engine):
             return event
         assert decision is not None
         return self._follow(event, decision)
+
+
+def _check_decision_type(event: Event, name: str, decision: object) -> None:
+    if not isinstance(decision, Veto | Redirect | Stop):
+        raise LifecycleError(
+            f"Guard guard_{event.value} of {name} returned {decision!r}; a guard must "
+            "return None, Veto(reason), Redirect(event, reason) or Stop(reason)."
+        )
 
 
 #: The engines by the name ``TrainingLoop(engine=...)`` accepts.
