@@ -49,6 +49,9 @@ class Callback:
     #: Run after every other callback, whatever the list order: for callbacks that must
     #: see the others' work on the same event (``Checkpoint`` saves their state).
     runs_last: ClassVar[bool] = False
+    #: Whether this callback's observers may return ``Stop``. Writers and recorders set
+    #: it false: under ``torch.distributed`` their observers then need no collective.
+    may_stop: ClassVar[bool] = True
 
     @property
     def name(self) -> str:
@@ -81,6 +84,8 @@ class HookMap:
 
     guards: dict[Event, tuple[Hook, ...]]
     observers: dict[Event, tuple[Hook, ...]]
+    #: Per event, the names of the observers that may return ``Stop``.
+    stoppers: dict[Event, frozenset[str]]
 
 
 def callback_name(callback: object) -> str:
@@ -117,6 +122,7 @@ def collect_hooks(callbacks: Sequence[object]) -> HookMap:
     """
     guards: dict[Event, list[Hook]] = {event: [] for event in Event}
     observers: dict[Event, list[Hook]] = {event: [] for event in Event}
+    stoppers: dict[Event, set[str]] = {event: set() for event in Event}
     for callback in callbacks:
         name = callback_name(callback)
         if isinstance(callback, Callback):
@@ -128,9 +134,12 @@ def collect_hooks(callbacks: Sequence[object]) -> HookMap:
                 observer = getattr(callback, _OBSERVER_PREFIX + event.value, None)
                 if observer is not None:
                     observers[event].append((name, observer))
+                    if callback.may_stop:
+                        stoppers[event].add(name)
         elif callable(callback):
             for event in Event:
                 observers[event].append((name, _function_observer(callback, event)))
+                stoppers[event].add(name)
         else:
             raise ConfigError(
                 f"callbacks must hold Callback instances or functions fn(loop, event); "
@@ -139,4 +148,5 @@ def collect_hooks(callbacks: Sequence[object]) -> HookMap:
     return HookMap(
         guards={event: tuple(hooks) for event, hooks in guards.items()},
         observers={event: tuple(hooks) for event, hooks in observers.items()},
+        stoppers={event: frozenset(names) for event, names in stoppers.items()},
     )

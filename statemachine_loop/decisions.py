@@ -84,8 +84,10 @@ class DecisionRecord:
     """One decision taken by one callback on one proposal, as kept in ``loop.decisions``.
 
     ``applied`` is false when the decision changed nothing: it was outranked by a
-    decision of higher precedence, or it came during the wind-down; ``ignored_because``
-    then says which (``"outranked"`` or ``"wind-down"``).
+    decision of higher precedence, it came during the wind-down, or the loop refused
+    it as illegal; ``ignored_because`` then says which (``"outranked"``,
+    ``"wind-down"`` or ``"refused"``). Under ``torch.distributed`` every rank records
+    the decisions of all ranks, ``rank`` saying whose it was.
     """
 
     event: Event
@@ -99,6 +101,7 @@ class DecisionRecord:
     epoch_index: int
     batch_index: int
     from_observer: bool = False
+    rank: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready dict, for logs and checkpoints."""
@@ -114,6 +117,7 @@ class DecisionRecord:
             "epoch_index": self.epoch_index,
             "batch_index": self.batch_index,
             "from_observer": self.from_observer,
+            "rank": self.rank,
         }
 
 

@@ -46,11 +46,19 @@ from statemachine_loop.machine import (
 if TYPE_CHECKING:
     from transitions import Machine
 
+    from statemachine_loop.distributed import Collective
     from statemachine_loop.loop import TrainingLoop
 
 __all__ = ["ENGINES", "CompiledEngine", "Engine", "Stopping", "TransitionsEngine"]
 
-_NO_HOOKS = HookMap(guards={event: () for event in Event}, observers={event: () for event in Event})
+_NO_HOOKS = HookMap(
+    guards={event: () for event in Event},
+    observers={event: () for event in Event},
+    stoppers={event: frozenset() for event in Event},
+)
+
+#: A decision with the callback that took it and, under torch.distributed, its rank.
+_Decided = tuple[str, Decision, int | None]
 
 
 class Stopping(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -70,6 +78,8 @@ class Engine:
         self._paths = wind_down_paths(self.machine)
         self._guards = _NO_HOOKS.guards
         self._observers = _NO_HOOKS.observers
+        self._stoppers = _NO_HOOKS.stoppers
+        self.collective: Collective | None = None
         self._entries: Mapping[Event, Callable[[], None]] = {}
         self._can_validate = False
         self.winding_down = False
@@ -86,16 +96,20 @@ class Engine:
         entries: Mapping[Event, Callable[[], None]],
         *,
         can_validate: bool,
+        collective: Collective | None = None,
     ) -> None:
         """Prepare for one ``fit``: its hooks, the loop's entry work, and the machine at idle.
 
         ``entries`` is the loop's own work that must be done when an event is
         proposed, before its guards (a phase start sets the mode and ``batch_count``;
         a phase end finalises metrics), whoever proposes it: the driver, a redirect
-        or the wind-down.
+        or the wind-down. With a ``collective``, every decision is agreed across ranks
+        before it takes effect.
         """
         self._guards = hooks.guards
         self._observers = hooks.observers
+        self._stoppers = hooks.stoppers
+        self.collective = collective
         self._entries = entries
         self._can_validate = can_validate
         self.winding_down = False
@@ -153,42 +167,44 @@ class Engine:
     def _decide(self, event: Event, state: str) -> Decision | None:
         """Run every guard of ``event``, validate and record their decisions, return the winner."""
         loop = self._loop
-        decided: list[tuple[str, Decision]] = []
+        local: list[tuple[str, Decision]] = []
         for name, guard in self._guards[event]:
             try:
                 decision = guard(loop)
                 if decision is not None:
                     _check_decision_type(event, name, decision)
-                    decided.append((name, decision))
+                    local.append((name, decision))
             except BaseException as exc:
                 self._failed(exc, name, event)
+        if self.winding_down:
+            for name, decision in local:
+                self._record(event, state, (name, decision, None), applied=False, why="wind-down")
+            return None
+        decided = self._agree(local)
         if not decided:
             return None
-        if self.winding_down:
-            for name, decision in decided:
-                self._record(event, state, name, decision, applied=False, why="wind-down")
-            return None
         try:
-            for name, decision in decided:
+            for name, decision, _ in decided:
                 self._check_guard_decision(event, state, name, decision)
-            winner, applied = resolve(event, decided)
+            winner, applied = resolve(event, [(name, decision) for name, decision, _ in decided])
         except LifecycleError:
             # Every decision is recorded, the refused ones too, before the error winds down.
-            for name, decision in decided:
-                self._record(event, state, name, decision, applied=False, why="refused")
+            for item in decided:
+                self._record(event, state, item, applied=False, why="refused")
             raise
-        for (name, decision), was_applied in zip(decided, applied, strict=True):
+        for item, was_applied in zip(decided, applied, strict=True):
             self._record(
-                event,
-                state,
-                name,
-                decision,
-                applied=was_applied,
-                why=None if was_applied else "outranked",
+                event, state, item, applied=was_applied, why=None if was_applied else "outranked"
             )
         if isinstance(winner, Stop):
             self._set_stop_reason(winner, decided, event)
         return winner
+
+    def _agree(self, local: list[tuple[str, Decision]]) -> list[_Decided]:
+        """This rank's decisions, or under torch.distributed the union of every rank's."""
+        if self.collective is None:
+            return [(name, decision, None) for name, decision in local]
+        return [(name, decision, rank) for name, decision, rank in self.collective.agree(local)]
 
     def _check_guard_decision(
         self, event: Event, state: str, name: str, decision: Decision
@@ -221,43 +237,54 @@ class Engine:
         first exception is raised after the last observer, later ones attached as notes.
         """
         loop = self._loop
-        stop: Stop | None = None
+        stoppers = self._stoppers[event]
+        stops: list[tuple[str, Decision]] = []
         raised: list[tuple[BaseException, str]] = []
         for name, observer in self._observers[event]:
             try:
                 result = observer(loop)
                 if result is None:
                     continue
-                if not isinstance(result, Stop):
+                if not isinstance(result, Stop) or name not in stoppers:
                     raise LifecycleError(
                         f"Observer on_{event.value} of {name} returned {result!r}; an "
-                        "observer may return only None or Stop(reason)."
+                        "observer may return only None or Stop(reason), and only if its "
+                        "callback's may_stop is true."
                     )
+                stops.append((name, result))
             except BaseException as exc:
                 if self.winding_down:
                     self._failed(exc, name, event)
                 else:
                     raised.append((exc, name))
-                continue
-            state = self.model.state
-            if self.winding_down:
-                self._record(
-                    event, state, name, result, applied=False, why="wind-down", from_observer=True
-                )
-                continue
-            self._record(event, state, name, result, applied=True, why=None, from_observer=True)
-            if stop is None:
-                stop = result
-                self._set_stop_reason(result, [(name, result)], event)
         if raised:
             first = raised[0][0]
             for later, name in raised[1:]:
                 first.add_note(
-                    f"Observer {name} also raised at {event.value}: "
-                    f"{type(later).__name__}: {later}"
+                    f"Observer {name} also raised at {event.value}: {type(later).__name__}: {later}"
                 )
             raise first
-        return stop
+        state = self.model.state
+        if self.winding_down:
+            for name, stop in stops:
+                self._record(
+                    event,
+                    state,
+                    (name, stop, None),
+                    applied=False,
+                    why="wind-down",
+                    from_observer=True,
+                )
+            return None
+        decided = self._agree(stops) if stoppers else []
+        for item in decided:
+            self._record(event, state, item, applied=True, why=None, from_observer=True)
+        if not decided:
+            return None
+        winner = decided[0][1]
+        assert isinstance(winner, Stop)
+        self._set_stop_reason(winner, decided, event)
+        return winner
 
     def _follow(self, event: Event, decision: Decision) -> Event | None:
         """Carry out a decision that kept ``event`` from being taken."""
@@ -267,26 +294,25 @@ class Engine:
             return self.propose(decision.event)
         return None
 
-    def _set_stop_reason(
-        self, stop: Stop, decided: list[tuple[str, Decision]], event: Event
-    ) -> None:
+    def _set_stop_reason(self, stop: Stop, decided: list[_Decided], event: Event) -> None:
         if self._loop.stop_reason is not None:
             return
-        name = next(n for n, d in decided if d is stop)
-        self._loop.stop_reason = stop.reason or f"{name} stopped the loop at {event.value}"
+        name, _, rank = next(item for item in decided if item[1] is stop)
+        where = "" if rank is None else f" on rank {rank}"
+        self._loop.stop_reason = stop.reason or f"{name} stopped the loop at {event.value}{where}"
 
     def _record(
         self,
         event: Event,
         state: str,
-        name: str,
-        decision: Decision,
+        decided: _Decided,
         *,
         applied: bool,
         why: str | None,
         from_observer: bool = False,
     ) -> None:
         loop = self._loop
+        name, decision, rank = decided
         self._loop.decisions.append(
             DecisionRecord(
                 event=event,
@@ -300,6 +326,7 @@ class Engine:
                 epoch_index=loop.epoch_index,
                 batch_index=loop.batch_index,
                 from_observer=from_observer,
+                rank=rank,
             )
         )
 

@@ -32,10 +32,17 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from statemachine_loop.callback import CallbackLike, collect_hooks
+from statemachine_loop.callback import CallbackLike, HookMap, collect_hooks
 from statemachine_loop.decisions import DecisionRecord
 from statemachine_loop.dispatch import ENGINES, Stopping
+from statemachine_loop.distributed import (
+    Collective,
+    distribute_data,
+    join_process_group,
+    set_sampler_epoch,
+)
 from statemachine_loop.errors import ConfigError, LifecycleError
 from statemachine_loop.events import Event
 from statemachine_loop.history import History
@@ -114,9 +121,7 @@ class TrainingLoop:
         collect_hooks(self.callbacks)  # fail on a bad callback now, not at fit time
         self._training = training
         self._validation = validation
-        self._datasets: tuple[Iterable[Any], ...] = (
-            (training,) if validation is None else (training, validation)
-        )
+        self._fit_training, self._fit_validation = training, validation  # sharded per fit
         self._loss_fn = loss_fn
         self._step = step if step is not None else Step()
         self._metrics = resolve_metrics(metrics)
@@ -158,6 +163,9 @@ class TrainingLoop:
         self._next_batch = 0  # likewise, the next batch of the current phase
         self._phase_rng: dict[str, Any] | None = None
         self._fit_callbacks: list[CallbackLike] = []
+        self._final_metrics: dict[str, float] | None = None
+        #: The process group of the current fit, or ``None`` for a single process.
+        self.collective: Collective | None = None
         self._resume: ResumePoint | None = None
         self._move: Callable[[Any], Any] = self._first_move
         self._running = False
@@ -176,6 +184,26 @@ class TrainingLoop:
     def step(self) -> Step:
         """The :class:`Step` that splits batches and computes outputs and losses."""
         return self._step
+
+    @property
+    def _fit_datasets(self) -> tuple[Iterable[Any], ...]:
+        validation = self._fit_validation
+        return (self._fit_training,) if validation is None else (self._fit_training, validation)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank under ``torch.distributed`` (0 for a single process)."""
+        return 0 if self.collective is None else self.collective.rank
+
+    @property
+    def world_size(self) -> int:
+        """How many processes run this fit (1 for a single process)."""
+        return 1 if self.collective is None else self.collective.world_size
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes logs and checkpoints (rank 0, or the only one)."""
+        return self.collective is None or self.collective.is_main
 
     @property
     def has_validation(self) -> bool:
@@ -197,8 +225,12 @@ class TrainingLoop:
         """The current phase's metric values so far; final after its end event.
 
         Reading this synchronises with the device, so read it at phase ends or at a
-        progress display's refresh rate, not on every batch of a GPU run.
+        progress display's refresh rate, not on every batch of a GPU run. Under
+        ``torch.distributed`` running values are this rank's; from the phase end on
+        they are the global values of all ranks.
         """
+        if self._final_metrics is not None:
+            return dict(self._final_metrics)
         return {metric.name: metric.compute() for metric in self._metrics}
 
     def fit(
@@ -242,7 +274,11 @@ class TrainingLoop:
         hooks = collect_hooks(self._fit_callbacks)
         self._resume, self.resumed_from = resolve_resume(resume, self._fit_callbacks)
         self.device = resolve_device(device)
+        self.collective = join_process_group(self.device)
         self.model = model.to(self.device)
+        self._fit_training, self._fit_validation = self._training, self._validation
+        if self.collective is not None:
+            self.model, self._fit_training, self._fit_validation = self._distribute(hooks)
         move_optimizer_state(self.optimizer, self.device)
         self.epoch_count = epochs
         self.epoch_index = self.batch_index = 0
@@ -259,7 +295,12 @@ class TrainingLoop:
             self._resume.restore_before_fit(self)
             self.resuming = True
             self.epoch_index = self._resume.next_epoch
-        self._engine.bind(hooks, self._entries, can_validate=self._validation is not None)
+        self._engine.bind(
+            hooks,
+            self._entries,
+            can_validate=self._validation is not None,
+            collective=self.collective,
+        )
         grad_enabled = torch.is_grad_enabled()
         self._running = True
         stopped = False
@@ -316,17 +357,19 @@ class TrainingLoop:
             if taken is Event.EPOCH_END:
                 return
             if taken is Event.TRAINING_START:
-                self._run_phase(self._training, Event.TRAINING_END, self._training_step, resume)
+                self._run_phase(self._fit_training, Event.TRAINING_END, self._training_step, resume)
             elif resume is not None:
                 raise _reentry_refused(Event.TRAINING_START)
             resume = None
-        if self._validation is not None and not self._validation_proposed:
+        if self._fit_validation is not None and not self._validation_proposed:
             taken = propose(Event.VALIDATION_START)
             if taken is Event.EPOCH_END:
                 return
         if taken is Event.VALIDATION_START:
-            assert self._validation is not None
-            self._run_phase(self._validation, Event.VALIDATION_END, self._validation_step, resume)
+            assert self._fit_validation is not None
+            self._run_phase(
+                self._fit_validation, Event.VALIDATION_END, self._validation_step, resume
+            )
         elif resume is not None:
             raise _reentry_refused(Event.VALIDATION_START)
         propose(Event.EPOCH_END)
@@ -363,7 +406,7 @@ class TrainingLoop:
     def _reenter_phase(self, data: Iterable[Any], resume: ResumePoint) -> Iterable[Any]:
         """Restore the phase's state after its re-entered start; the data from the next batch."""
         resume.restore_phase(self)
-        phase_rng = self._phase_rng = resume.payload["phase"]["rng"]
+        phase_rng = self._phase_rng = resume.rank_state(self)["phase_rng"]
         restore_phase_start_rng(data, phase_rng)
         self._next_batch = resume.next_batch
         self.resuming = False
@@ -415,26 +458,57 @@ class TrainingLoop:
         self.batch_count = len(data) if isinstance(data, Sized) else None
         self.model.train(training)
         torch.set_grad_enabled(training)
+        set_sampler_epoch(data, self.epoch_index)
+        self._final_metrics = None
         for metric in self._metrics:
             metric.reset()
         self._phase_ran = False
         self._move = self._first_move
 
     def _open_training(self) -> None:
-        self._open_phase(True, self._training)
+        self._open_phase(True, self._fit_training)
         self.optimizer.zero_grad()
 
     def _open_validation(self) -> None:
-        assert self._validation is not None
+        assert self._fit_validation is not None
         self._validation_proposed = True
-        self._open_phase(False, self._validation)
+        self._open_phase(False, self._fit_validation)
 
     def _close_phase(self) -> None:
         if not self._phase_ran:
             return
         self._phase_ran = False
-        entry: dict[str, float] = {**self.metrics, "epoch": self.epoch_index}
+        if self.collective is None:
+            self._final_metrics = self.metrics
+        else:
+            self._final_metrics = self.collective.global_metrics(self._metrics)
+        entry: dict[str, float] = {**self._final_metrics, "epoch": self.epoch_index}
         (self.history.training if self.is_training else self.history.validation).append(entry)
+
+    def _distribute(
+        self, hooks: HookMap
+    ) -> tuple[torch.nn.Module, Iterable[Any], Iterable[Any] | None]:
+        """Check every rank hooks the same events; wrap the model; shard the data."""
+        assert self.collective is not None and self.model is not None
+        signature = _hook_signature(hooks)
+        if any(other != signature for other in self.collective.gather(signature)):
+            raise ConfigError(
+                "Ranks were given different callbacks (their hooks differ), so they would "
+                "wait on each other forever; pass the same callbacks on every rank (the "
+                "built-in writers already write on rank 0 only)."
+            )
+        model = self.model
+        if not isinstance(model, DistributedDataParallel):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        validation = self._validation
+        return (
+            model,
+            distribute_data(self._training, self.collective, name="training"),
+            None
+            if validation is None
+            else distribute_data(validation, self.collective, name="validation"),
+        )
 
     def _close_epoch(self) -> None:
         self._next_epoch = self.epoch_index + 1
@@ -474,6 +548,18 @@ class TrainingLoop:
 
 def _unchanged(batch: Any) -> Any:
     return batch
+
+
+def _hook_signature(hooks: HookMap) -> list[tuple[str, int, int, int]]:
+    return [
+        (
+            event.value,
+            len(hooks.guards[event]),
+            len(hooks.observers[event]),
+            len(hooks.stoppers[event]),
+        )
+        for event in Event
+    ]
 
 
 def _reentry_refused(event: Event) -> LifecycleError:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from statemachine_loop.callback import Callback
 from statemachine_loop.errors import ConfigError, LifecycleError
@@ -86,26 +87,34 @@ def capture(loop: TrainingLoop) -> dict[str, Any]:
             "next_batch": loop._next_batch if state != "fit" else 0,
             "epoch_count": loop.epoch_count,
         },
-        "model": loop.model.state_dict(),
+        "model": unwrap(loop.model).state_dict(),
         "optimizer": loop.optimizer.state_dict(),
         "grad_scaler": None if loop.grad_scaler is None else loop.grad_scaler.state_dict(),
         "history": loop.history.as_dict(),
         "callbacks": callback_states(loop._fit_callbacks),
-        "rng": capture_rng(),
-        "data_rng": data_rng(loop._datasets),
     }
+    # What differs between ranks: random state, data position, metric accumulators.
+    local: dict[str, Any] = {"rng": capture_rng(), "data_rng": data_rng(loop._fit_datasets)}
     if state != "fit":
+        local["metrics"] = {metric.name: _metric_state(metric) for metric in loop._metrics}
+        local["phase_rng"] = loop._phase_rng
         payload["phase"] = {
-            "metrics": {metric.name: _metric_state(metric) for metric in loop._metrics},
-            "grads": {
+            "grads": {  # equal on every rank: DDP all-reduced them
                 name: parameter.grad.detach().clone()
-                for name, parameter in loop.model.named_parameters()
+                for name, parameter in unwrap(loop.model).named_parameters()
                 if parameter.grad is not None
             },
             "ran": loop._phase_ran,
-            "rng": loop._phase_rng,
         }
+    payload["ranks"] = [local] if loop.collective is None else loop.collective.gather(local)
     return payload
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside a ``DistributedDataParallel`` wrapper (or the module)."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    assert isinstance(inner, torch.nn.Module)
+    return inner
 
 
 def _metric_state(metric: object) -> dict[str, Any] | None:
@@ -155,6 +164,16 @@ class ResumePoint:
         """Whether the checkpoint was taken inside a training or validation phase."""
         return self.state != "fit"
 
+    def rank_state(self, loop: TrainingLoop) -> dict[str, Any]:
+        """This rank's share of the payload: its random state and metric accumulators."""
+        ranks: list[dict[str, Any]] = self.payload["ranks"]
+        if len(ranks) != loop.world_size:
+            raise ConfigError(
+                f"The checkpoint was written by {len(ranks)} process(es) but this fit runs "
+                f"{loop.world_size}; resume with the same number of processes."
+            )
+        return ranks[loop.rank]
+
     def restore_before_fit(self, loop: TrainingLoop) -> None:
         """Model, optimizer and History: what observers of the re-entry events may read."""
         assert loop.model is not None
@@ -165,7 +184,8 @@ class ResumePoint:
                 f"{loop.epoch_count} epoch(s); pass epochs > {last} to continue it."
             )
         try:
-            loop.model.load_state_dict(self.payload["model"])
+            self.rank_state(loop)
+            unwrap(loop.model).load_state_dict(self.payload["model"])
             loop.optimizer.load_state_dict(self.payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise ConfigError(
@@ -192,20 +212,22 @@ class ResumePoint:
 
     def restore_rng(self, loop: TrainingLoop) -> None:
         """Every generator as it was at the checkpoint: global ones and the data's own."""
-        restore_rng(self.payload["rng"])
-        restore_data_rng(loop._datasets, self.payload["data_rng"])
+        local = self.rank_state(loop)
+        restore_rng(local["rng"])
+        restore_data_rng(loop._fit_datasets, local["data_rng"])
 
     def restore_phase(self, loop: TrainingLoop) -> None:
         """Metric accumulators and pending gradients, after the phase start's reset."""
         assert loop.model is not None
         phase = self.payload["phase"]
+        metric_states = self.rank_state(loop)["metrics"]
         for metric in loop._metrics:
-            state = phase["metrics"].get(metric.name)
+            state = metric_states.get(metric.name)
             load = getattr(metric, "load_state_dict", None)
             if state is not None and load is not None:
                 load(state)
         grads: dict[str, torch.Tensor] = phase["grads"]
-        for name, parameter in loop.model.named_parameters():
+        for name, parameter in unwrap(loop.model).named_parameters():
             grad = grads.get(name)
             parameter.grad = None if grad is None else grad.to(parameter.device)
         loop._phase_ran = bool(phase["ran"])

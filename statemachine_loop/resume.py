@@ -31,6 +31,7 @@ __all__ = [
     "InexactResumeWarning",
     "capture_rng",
     "data_rng",
+    "loader_options",
     "phase_start_rng",
     "restore_data_rng",
     "restore_phase_start_rng",
@@ -197,7 +198,8 @@ class _Discarding:
         yield from items
 
 
-def _rebuild(loader: DataLoader[Any], skip: int, after_skip: Callable[[], None]) -> DataLoader[Any]:
+def loader_options(loader: DataLoader[Any]) -> dict[str, Any]:
+    """Everything but dataset and sampling that builds a ``DataLoader`` like ``loader``."""
     options: dict[str, Any] = {
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
@@ -212,6 +214,11 @@ def _rebuild(loader: DataLoader[Any], skip: int, after_skip: Callable[[], None])
     }
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor
+    return options
+
+
+def _rebuild(loader: DataLoader[Any], skip: int, after_skip: Callable[[], None]) -> DataLoader[Any]:
+    options = loader_options(loader)
     if loader.batch_sampler is not None:
         batches = _SkipThenRestore(loader.batch_sampler, skip, after_skip)
         return DataLoader(loader.dataset, batch_sampler=batches, **options)

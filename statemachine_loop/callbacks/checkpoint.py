@@ -130,10 +130,13 @@ class Checkpoint(Callback):
             self.save(loop, reason="schedule")
 
     def _preempted(self, loop: TrainingLoop) -> Stop | None:
-        if self.preemption.requested is None or loop.stop_reason is not None:
+        requested = self.preemption.requested is not None
+        if loop.collective is not None:  # every rank calls this guard: agree first
+            requested = loop.collective.any(requested)
+        if not requested or loop.stop_reason is not None:
             return None
         self.save(loop, reason="preempted")
-        return Stop(f"preempted ({self.preemption.requested})")
+        return Stop("preempted")
 
     def guard_epoch_start(self, loop: TrainingLoop) -> Stop | None:
         """At a batch boundary after a preemption signal: checkpoint, then stop."""
@@ -151,9 +154,17 @@ class Checkpoint(Callback):
         """At a batch boundary after a preemption signal: checkpoint, then stop."""
         return self._preempted(loop)
 
-    def save(self, loop: TrainingLoop, *, reason: str = "manual") -> CheckpointInfo:
-        """Write a checkpoint of ``loop`` now, then drop the ones no longer kept."""
+    def save(self, loop: TrainingLoop, *, reason: str = "manual") -> CheckpointInfo | None:
+        """Write a checkpoint of ``loop`` now, then drop the ones no longer kept.
+
+        Under ``torch.distributed`` every rank must call it at the same point (the
+        schedules guarantee that): the state of all ranks is gathered and rank 0
+        alone writes; the others return ``None``.
+        """
         self._saves += 1
+        state = loop.state_dict()
+        if not loop.is_main_process:
+            return None
         position = f"e{loop.epoch_index:04d}-{loop.state}-b{loop.batch_index:06d}"
         metadata: dict[str, Any] = {
             "epoch_index": loop.epoch_index,
@@ -166,7 +177,7 @@ class Checkpoint(Callback):
         info = save_checkpoint(
             self.directory,
             f"checkpoint-{self._saves:06d}-{position}",
-            loop.state_dict(),
+            state,
             step=self._saves,
             metadata=metadata,
         )
