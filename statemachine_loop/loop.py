@@ -1,34 +1,17 @@
-"""The driver: :class:`TrainingLoop` runs a model through the lifecycle machine.
+"""``TrainingLoop``: a training loop whose lifecycle is a checked state machine.
 
-The machine decides, the driver does. Every event is *proposed* to the engine
-(:mod:`statemachine_loop.dispatch`), which runs the guards, moves the machine and
-calls the observers, and answers with the event actually taken (``None`` for a veto;
-a redirect answers with its target). The driver only iterates and does the work::
-
-    fit:    propose fit_start                         (vetoed: return)
-            for each epoch: propose epoch_start        (redirected to fit_end: return)
-                               -> run the epoch
-            propose fit_end
-    epoch:  propose training_start -> training phase   (redirect may open validation
-            propose validation_start -> validation phase    or close the epoch)
-            propose epoch_end
-    phase:  for each batch: fetch, move, split; propose batch_start
-                               (redirected to the phase end: return)
-                               -> step; propose batch_end
-            propose training_end | validation_end
-    step:   training:   forward, loss, backward; propose update_start -> optimizer.step()
-            validation: forward; propose inference_prediction_end -> loss, metrics
-
-A ``Stop`` raises a private signal out of the driver; :meth:`TrainingLoop.fit` then
-winds down along the machine's shortest path of end events. Any other exception does
-the same with ``loop.failure`` set, and is re-raised unchanged.
+This module owns what the user configures and reads — the constructor's checks,
+the state visible to callbacks, and ``fit``'s orchestration: preflight, the process
+group, resume, binding the engine, and the wind-down after a stop or a failure.
+The iteration itself is the driver's (:mod:`statemachine_loop.driver`); legality is
+the machine's (:mod:`statemachine_loop.machine`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
@@ -41,8 +24,8 @@ from statemachine_loop.distributed import (
     Collective,
     distribute_data,
     join_process_group,
-    set_sampler_epoch,
 )
+from statemachine_loop.driver import Driver
 from statemachine_loop.errors import ConfigError, LifecycleError
 from statemachine_loop.events import Event
 from statemachine_loop.history import History
@@ -52,21 +35,15 @@ from statemachine_loop.metrics import Metric, resolve_metrics
 from statemachine_loop.preflight import (
     check_data,
     check_fit_arguments,
-    checked_loss,
     move_optimizer_state,
     resolve_device,
 )
-from statemachine_loop.resume import (
-    phase_start_rng,
-    restore_phase_start_rng,
-    resumed_data,
-)
-from statemachine_loop.step import LossFn, Step, move_to_device, needs_move
+from statemachine_loop.step import LossFn, Step
 
 __all__ = ["TrainingLoop"]
 
 
-class TrainingLoop:
+class TrainingLoop(Driver):
     """A training loop whose lifecycle is a checked finite-state machine.
 
     Configure it once with the data, the optimizer, the loss and the metrics, then
@@ -320,171 +297,6 @@ class TrainingLoop:
             self._wind_down_after_stop()
         return self.history
 
-    # -- the driver ---------------------------------------------------------------
-
-    def _run_fit(self) -> None:
-        propose = self._engine.propose
-        resume, self._resume = self._resume, None
-        if propose(Event.FIT_START) is None:
-            return
-        first_epoch = 0
-        if resume is not None:
-            resume.restore_after_fit_start(self)
-            first_epoch = resume.next_epoch
-            if not resume.mid_phase:
-                resume.restore_rng(self)
-                self.resuming, resume = False, None
-        for epoch_index in range(first_epoch, self.epoch_count):
-            self.epoch_index = self._next_epoch = epoch_index
-            taken = propose(Event.EPOCH_START)
-            if taken is Event.FIT_END:
-                return
-            if taken is Event.EPOCH_START:
-                self._run_epoch(resume)
-            elif resume is not None:
-                raise _reentry_refused(Event.EPOCH_START)
-            else:
-                self._next_epoch = epoch_index + 1  # a vetoed epoch still counts
-            resume = None
-        propose(Event.FIT_END)
-
-    def _run_epoch(self, resume: ResumePoint | None) -> None:
-        propose = self._engine.propose
-        self._validation_proposed = False  # set by the validation entry, whoever proposes it
-        taken: Event | None = None
-        if resume is None or resume.state == "training":
-            taken = propose(Event.TRAINING_START)
-            if taken is Event.EPOCH_END:
-                return
-            if taken is Event.TRAINING_START:
-                self._run_phase(self._fit_training, Event.TRAINING_END, self._training_step, resume)
-            elif resume is not None:
-                raise _reentry_refused(Event.TRAINING_START)
-            resume = None
-        if self._fit_validation is not None and not self._validation_proposed:
-            taken = propose(Event.VALIDATION_START)
-            if taken is Event.EPOCH_END:
-                return
-        if taken is Event.VALIDATION_START:
-            assert self._fit_validation is not None
-            self._run_phase(
-                self._fit_validation, Event.VALIDATION_END, self._validation_step, resume
-            )
-        elif resume is not None:
-            raise _reentry_refused(Event.VALIDATION_START)
-        propose(Event.EPOCH_END)
-
-    def _run_phase(
-        self,
-        data: Iterable[Any],
-        end: Event,
-        step: Callable[[], None],
-        resume: ResumePoint | None,
-    ) -> None:
-        propose = self._engine.propose
-        split = self._step.split
-        first = self._next_batch = 0
-        if resume is None:
-            self._phase_rng = phase_start_rng(data)
-        else:
-            data, first = self._reenter_phase(data, resume), resume.next_batch
-        for batch_index, batch in enumerate(data, first):
-            self.batch_index = batch_index
-            self.last_step_input, self.last_step_target = split(self._move(batch))
-            taken = propose(Event.BATCH_START)
-            if taken is Event.BATCH_START:
-                self._phase_ran = True
-                step()
-                self._next_batch = batch_index + 1
-                propose(Event.BATCH_END)
-            elif taken is end:
-                return
-            else:
-                self._next_batch = batch_index + 1
-        propose(end)
-
-    def _reenter_phase(self, data: Iterable[Any], resume: ResumePoint) -> Iterable[Any]:
-        """Restore the phase's state after its re-entered start; the data from the next batch."""
-        resume.restore_phase(self)
-        phase_rng = self._phase_rng = resume.rank_state(self)["phase_rng"]
-        restore_phase_start_rng(data, phase_rng)
-        self._next_batch = resume.next_batch
-        self.resuming = False
-        return resumed_data(data, resume.next_batch, lambda: resume.restore_rng(self))
-
-    def _training_step(self) -> None:
-        step, inputs, target = self._step, self.last_step_input, self.last_step_target
-        assert self.model is not None
-        if self.autocast is None:
-            output = self.last_step_output = step.forward(self.model, inputs)
-            loss = step.loss(self._loss_fn, output, target)
-        else:
-            with self.autocast():
-                output = self.last_step_output = step.forward(self.model, inputs)
-                loss = step.loss(self._loss_fn, output, target)
-        loss = self.last_step_loss = checked_loss(loss)
-        scaler = self.grad_scaler
-        torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
-        if self._engine.propose(Event.UPDATE_START) is Event.UPDATE_START:
-            if scaler is None:
-                self.optimizer.step()
-            else:
-                scaler.step(self.optimizer)
-                scaler.update()
-            self.optimizer.zero_grad()
-        size = step.batch_size(inputs, target)
-        for metric in self._metrics:
-            metric.update(output, target, loss, size)
-
-    def _validation_step(self) -> None:
-        step, inputs, target = self._step, self.last_step_input, self.last_step_target
-        assert self.model is not None
-        with self.autocast() if self.autocast is not None else nullcontext():
-            output = self.last_step_output = step.forward(self.model, inputs)
-            if self._engine.propose(Event.INFERENCE_PREDICTION_END) is None:
-                return
-            loss = step.loss(self._loss_fn, output, target)
-        loss = self.last_step_loss = checked_loss(loss)
-        size = step.batch_size(inputs, target)
-        for metric in self._metrics:
-            metric.update(output, target, loss, size)
-
-    # -- entry work: done when the event is proposed, whoever proposes it --------------
-
-    def _open_phase(self, training: bool, data: Iterable[Any]) -> None:
-        assert self.model is not None
-        self.is_training = training
-        self.batch_index = 0
-        self.batch_count = len(data) if isinstance(data, Sized) else None
-        self.model.train(training)
-        torch.set_grad_enabled(training)
-        set_sampler_epoch(data, self.epoch_index)
-        self._final_metrics = None
-        for metric in self._metrics:
-            metric.reset()
-        self._phase_ran = False
-        self._move = self._first_move
-
-    def _open_training(self) -> None:
-        self._open_phase(True, self._fit_training)
-        self.optimizer.zero_grad()
-
-    def _open_validation(self) -> None:
-        assert self._fit_validation is not None
-        self._validation_proposed = True
-        self._open_phase(False, self._fit_validation)
-
-    def _close_phase(self) -> None:
-        if not self._phase_ran:
-            return
-        self._phase_ran = False
-        if self.collective is None:
-            self._final_metrics = self.metrics
-        else:
-            self._final_metrics = self.collective.global_metrics(self._metrics)
-        entry: dict[str, float] = {**self._final_metrics, "epoch": self.epoch_index}
-        (self.history.training if self.is_training else self.history.validation).append(entry)
-
     def _distribute(
         self, hooks: HookMap
     ) -> tuple[torch.nn.Module, Iterable[Any], Iterable[Any] | None]:
@@ -510,9 +322,6 @@ class TrainingLoop:
             else distribute_data(validation, self.collective, name="validation"),
         )
 
-    def _close_epoch(self) -> None:
-        self._next_epoch = self.epoch_index + 1
-
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, as tensors and plain data (see ``Checkpoint``).
 
@@ -522,20 +331,6 @@ class TrainingLoop:
         """
         return capture(self)
 
-    def _first_move(self, batch: Any) -> Any:
-        """Decide, on a phase's first batch, whether batches need moving at all."""
-        if needs_move(batch, self.device):
-            non_blocking = self.device.type == "cuda"
-            device = self.device
-
-            def move(batch: Any) -> Any:
-                return move_to_device(batch, device, non_blocking)
-
-            self._move = move
-            return move(batch)
-        self._move = _unchanged
-        return batch
-
     def _wind_down_after_stop(self) -> None:
         errors = self._engine.wind_down()
         if errors:
@@ -544,10 +339,6 @@ class TrainingLoop:
                 first.add_note(_wind_down_note(error, name, event))
             self.failure = first
             raise first
-
-
-def _unchanged(batch: Any) -> Any:
-    return batch
 
 
 def _hook_signature(hooks: HookMap) -> list[tuple[str, int, int, int]]:
@@ -560,13 +351,6 @@ def _hook_signature(hooks: HookMap) -> list[tuple[str, int, int, int]]:
         )
         for event in Event
     ]
-
-
-def _reentry_refused(event: Event) -> LifecycleError:
-    return LifecycleError(
-        f"Resuming needs {event.value!r} to be taken to re-enter the saved state, but a "
-        "guard refused it; guards can read loop.resuming to let re-entry events pass."
-    )
 
 
 def _wind_down_note(error: BaseException, name: str, event: Event) -> str:

@@ -1,0 +1,298 @@
+"""The driver: the one place that iterates epochs, phases and batches.
+
+The machine decides, the driver does. Every event is *proposed* to the engine
+(:mod:`statemachine_loop.dispatch`), which runs the guards, moves the machine and
+calls the observers, and answers with the event actually taken (``None`` for a veto;
+a redirect answers with its target). The driver only iterates and does the work::
+
+    fit:    propose fit_start                         (vetoed: return)
+            for each epoch: propose epoch_start        (redirected to fit_end: return)
+                               -> run the epoch
+            propose fit_end
+    epoch:  propose training_start -> training phase   (redirect may open validation
+            propose validation_start -> validation phase    or close the epoch)
+            propose epoch_end
+    phase:  for each batch: fetch, move, split; propose batch_start
+                               (redirected to the phase end: return)
+                               -> step; propose batch_end
+            propose training_end | validation_end
+    step:   training:   forward, loss, backward; propose update_start -> optimizer.step()
+            validation: forward; propose inference_prediction_end -> loss, metrics
+
+A ``Stop`` raises a private signal out of the driver; ``TrainingLoop.fit`` then
+winds down along the machine's shortest path of end events. Any other exception does
+the same with ``loop.failure`` set, and is re-raised unchanged.
+
+The entry work — what the loop itself does when an event is proposed, whoever
+proposes it (the driver, a redirect or the wind-down) — lives here too: a phase
+start sets the mode and ``batch_count`` and resets the metrics; a phase end
+finalises them into ``History``. ``Driver`` is the base of ``TrainingLoop``, which
+owns configuration, readable state and ``fit``'s orchestration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sized
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from statemachine_loop.callback import CallbackLike
+from statemachine_loop.dispatch import Engine
+from statemachine_loop.distributed import Collective, set_sampler_epoch
+from statemachine_loop.errors import LifecycleError
+from statemachine_loop.events import Event
+from statemachine_loop.history import History
+from statemachine_loop.loop_state import ResumePoint
+from statemachine_loop.metrics import Metric
+from statemachine_loop.preflight import checked_loss
+from statemachine_loop.resume import phase_start_rng, restore_phase_start_rng, resumed_data
+from statemachine_loop.step import LossFn, Step, move_to_device, needs_move
+
+if TYPE_CHECKING:
+    from statemachine_loop.loop import TrainingLoop
+
+__all__ = ["Driver"]
+
+
+class Driver:
+    """Iterates the lifecycle and does the work between events; see the module docstring.
+
+    The attributes below are set by ``TrainingLoop``; they are declared here so the
+    driver reads as a whole.
+    """
+
+    _engine: Engine
+    _step: Step
+    _loss_fn: LossFn
+    _metrics: list[Metric]
+    _fit_training: Iterable[Any]
+    _fit_validation: Iterable[Any] | None
+    _fit_callbacks: list[CallbackLike]
+    _resume: ResumePoint | None
+    _move: Callable[[Any], Any]
+    _phase_ran: bool
+    _validation_proposed: bool
+    _next_epoch: int
+    _next_batch: int
+    _phase_rng: dict[str, Any] | None
+    _final_metrics: dict[str, float] | None
+    model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    collective: Collective | None
+    history: History
+    epoch_count: int
+    epoch_index: int
+    batch_index: int
+    batch_count: int | None
+    is_training: bool
+    resuming: bool
+    last_step_input: Any
+    last_step_target: Any
+    last_step_output: Any
+    last_step_loss: torch.Tensor | None
+    autocast: Callable[[], AbstractContextManager[Any]] | None
+    grad_scaler: torch.amp.GradScaler | None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The current phase's metric values (see ``TrainingLoop.metrics``)."""
+        raise NotImplementedError
+
+    @property
+    def _as_loop(self) -> TrainingLoop:
+        """This driver as the ``TrainingLoop`` it always is, for the resume helpers."""
+        return cast("TrainingLoop", self)
+
+    def _run_fit(self) -> None:
+        propose = self._engine.propose
+        resume, self._resume = self._resume, None
+        if propose(Event.FIT_START) is None:
+            return
+        first_epoch = 0
+        if resume is not None:
+            resume.restore_after_fit_start(self._as_loop)
+            first_epoch = resume.next_epoch
+            if not resume.mid_phase:
+                resume.restore_rng(self._as_loop)
+                self.resuming, resume = False, None
+        for epoch_index in range(first_epoch, self.epoch_count):
+            self.epoch_index = self._next_epoch = epoch_index
+            taken = propose(Event.EPOCH_START)
+            if taken is Event.FIT_END:
+                return
+            if taken is Event.EPOCH_START:
+                self._run_epoch(resume)
+            elif resume is not None:
+                raise _reentry_refused(Event.EPOCH_START)
+            else:
+                self._next_epoch = epoch_index + 1  # a vetoed epoch still counts
+            resume = None
+        propose(Event.FIT_END)
+
+    def _run_epoch(self, resume: ResumePoint | None) -> None:
+        propose = self._engine.propose
+        self._validation_proposed = False  # set by the validation entry, whoever proposes it
+        taken: Event | None = None
+        if resume is None or resume.state == "training":
+            taken = propose(Event.TRAINING_START)
+            if taken is Event.EPOCH_END:
+                return
+            if taken is Event.TRAINING_START:
+                self._run_phase(self._fit_training, Event.TRAINING_END, self._training_step, resume)
+            elif resume is not None:
+                raise _reentry_refused(Event.TRAINING_START)
+            resume = None
+        if self._fit_validation is not None and not self._validation_proposed:
+            taken = propose(Event.VALIDATION_START)
+            if taken is Event.EPOCH_END:
+                return
+        if taken is Event.VALIDATION_START:
+            assert self._fit_validation is not None
+            self._run_phase(
+                self._fit_validation, Event.VALIDATION_END, self._validation_step, resume
+            )
+        elif resume is not None:
+            raise _reentry_refused(Event.VALIDATION_START)
+        propose(Event.EPOCH_END)
+
+    def _run_phase(
+        self,
+        data: Iterable[Any],
+        end: Event,
+        step: Callable[[], None],
+        resume: ResumePoint | None,
+    ) -> None:
+        propose = self._engine.propose
+        split = self._step.split
+        first = self._next_batch = 0
+        if resume is None:
+            self._phase_rng = phase_start_rng(data)
+        else:
+            data, first = self._reenter_phase(data, resume), resume.next_batch
+        for batch_index, batch in enumerate(data, first):
+            self.batch_index = batch_index
+            self.last_step_input, self.last_step_target = split(self._move(batch))
+            taken = propose(Event.BATCH_START)
+            if taken is Event.BATCH_START:
+                self._phase_ran = True
+                step()
+                self._next_batch = batch_index + 1
+                propose(Event.BATCH_END)
+            elif taken is end:
+                return
+            else:
+                self._next_batch = batch_index + 1
+        propose(end)
+
+    def _reenter_phase(self, data: Iterable[Any], resume: ResumePoint) -> Iterable[Any]:
+        """Restore the phase's state after its re-entered start; the data from the next batch."""
+        resume.restore_phase(self._as_loop)
+        phase_rng = self._phase_rng = resume.rank_state(self._as_loop)["phase_rng"]
+        restore_phase_start_rng(data, phase_rng)
+        self._next_batch = resume.next_batch
+        self.resuming = False
+        return resumed_data(data, resume.next_batch, lambda: resume.restore_rng(self._as_loop))
+
+    def _training_step(self) -> None:
+        step, inputs, target = self._step, self.last_step_input, self.last_step_target
+        assert self.model is not None
+        if self.autocast is None:
+            output = self.last_step_output = step.forward(self.model, inputs)
+            loss = step.loss(self._loss_fn, output, target)
+        else:
+            with self.autocast():
+                output = self.last_step_output = step.forward(self.model, inputs)
+                loss = step.loss(self._loss_fn, output, target)
+        loss = self.last_step_loss = checked_loss(loss)
+        scaler = self.grad_scaler
+        torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
+        if self._engine.propose(Event.UPDATE_START) is Event.UPDATE_START:
+            if scaler is None:
+                self.optimizer.step()
+            else:
+                scaler.step(self.optimizer)
+                scaler.update()
+            self.optimizer.zero_grad()
+        size = step.batch_size(inputs, target)
+        for metric in self._metrics:
+            metric.update(output, target, loss, size)
+
+    def _validation_step(self) -> None:
+        step, inputs, target = self._step, self.last_step_input, self.last_step_target
+        assert self.model is not None
+        with self.autocast() if self.autocast is not None else nullcontext():
+            output = self.last_step_output = step.forward(self.model, inputs)
+            if self._engine.propose(Event.INFERENCE_PREDICTION_END) is None:
+                return
+            loss = step.loss(self._loss_fn, output, target)
+        loss = self.last_step_loss = checked_loss(loss)
+        size = step.batch_size(inputs, target)
+        for metric in self._metrics:
+            metric.update(output, target, loss, size)
+
+    # -- entry work: done when the event is proposed, whoever proposes it --------------
+
+    def _open_phase(self, training: bool, data: Iterable[Any]) -> None:
+        assert self.model is not None
+        self.is_training = training
+        self.batch_index = 0
+        self.batch_count = len(data) if isinstance(data, Sized) else None
+        self.model.train(training)
+        torch.set_grad_enabled(training)
+        set_sampler_epoch(data, self.epoch_index)
+        self._final_metrics = None
+        for metric in self._metrics:
+            metric.reset()
+        self._phase_ran = False
+        self._move = self._first_move
+
+    def _open_training(self) -> None:
+        self._open_phase(True, self._fit_training)
+        self.optimizer.zero_grad()
+
+    def _open_validation(self) -> None:
+        assert self._fit_validation is not None
+        self._validation_proposed = True
+        self._open_phase(False, self._fit_validation)
+
+    def _close_phase(self) -> None:
+        if not self._phase_ran:
+            return
+        self._phase_ran = False
+        if self.collective is None:
+            self._final_metrics = self.metrics
+        else:
+            self._final_metrics = self.collective.global_metrics(self._metrics)
+        entry: dict[str, float] = {**self._final_metrics, "epoch": self.epoch_index}
+        (self.history.training if self.is_training else self.history.validation).append(entry)
+
+    def _close_epoch(self) -> None:
+        self._next_epoch = self.epoch_index + 1
+
+    def _first_move(self, batch: Any) -> Any:
+        """Decide, on a phase's first batch, whether batches need moving at all."""
+        if needs_move(batch, self.device):
+            non_blocking = self.device.type == "cuda"
+            device = self.device
+
+            def move(batch: Any) -> Any:
+                return move_to_device(batch, device, non_blocking)
+
+            self._move = move
+            return move(batch)
+        self._move = _unchanged
+        return batch
+
+
+def _unchanged(batch: Any) -> Any:
+    return batch
+
+
+def _reentry_refused(event: Event) -> LifecycleError:
+    return LifecycleError(
+        f"Resuming needs {event.value!r} to be taken to re-enter the saved state, but a "
+        "guard refused it; guards can read loop.resuming to let re-entry events pass."
+    )
