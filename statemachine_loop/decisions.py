@@ -84,10 +84,11 @@ class DecisionRecord:
     """One decision taken by one callback on one proposal, as kept in ``loop.decisions``.
 
     ``applied`` is false when the decision changed nothing: it was outranked by a
-    decision of higher precedence, it came during the wind-down, or the loop refused
-    it as illegal; ``ignored_because`` then says which (``"outranked"``,
-    ``"wind-down"`` or ``"refused"``). Under ``torch.distributed`` every rank records
-    the decisions of all ranks, ``rank`` saying whose it was.
+    decision of higher precedence, it came during the wind-down, the loop refused it
+    as illegal, or a later guard of the same proposal raised; ``ignored_because``
+    then says which (``"outranked"``, ``"wind-down"``, ``"refused"`` or
+    ``"failure"``). Under ``torch.distributed`` every rank records the decisions of
+    all ranks, ``rank`` saying whose it was.
     """
 
     event: Event

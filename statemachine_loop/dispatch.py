@@ -175,6 +175,11 @@ class Engine:
                     _check_decision_type(event, name, decision)
                     local.append((name, decision))
             except BaseException as exc:
+                if not self.winding_down:  # the decisions already taken are still recorded
+                    for taken_name, taken in local:
+                        self._record(
+                            event, state, (taken_name, taken, None), applied=False, why="failure"
+                        )
                 self._failed(exc, name, event)
         if self.winding_down:
             for name, decision in local:
@@ -186,7 +191,7 @@ class Engine:
         try:
             for name, decision, _ in decided:
                 self._check_guard_decision(event, state, name, decision)
-            winner, applied = resolve(event, [(name, decision) for name, decision, _ in decided])
+            winner, applied = resolve(event, [(_shown(n, r), d) for n, d, r in decided])
         except LifecycleError:
             # Every decision is recorded, the refused ones too, before the error winds down.
             for item in decided:
@@ -407,6 +412,10 @@ class TransitionsEngine(Engine):
             return event
         assert decision is not None
         return self._follow(event, decision)
+
+
+def _shown(name: str, rank: int | None) -> str:
+    return name if rank is None else f"{name} (rank {rank})"
 
 
 def _check_decision_type(event: Event, name: str, decision: object) -> None:

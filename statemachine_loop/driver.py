@@ -32,7 +32,7 @@ owns configuration, readable state and ``fit``'s orchestration.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, cast
 
@@ -46,14 +46,17 @@ from statemachine_loop.events import Event
 from statemachine_loop.history import History
 from statemachine_loop.loop_state import ResumePoint
 from statemachine_loop.metrics import Metric
-from statemachine_loop.preflight import checked_loss
+from statemachine_loop.preflight import checked_loss, length_of
 from statemachine_loop.resume import phase_start_rng, restore_phase_start_rng, resumed_data
 from statemachine_loop.step import LossFn, Step, move_to_device, needs_move
 
 if TYPE_CHECKING:
     from statemachine_loop.loop import TrainingLoop
 
-__all__ = ["Driver"]
+__all__ = ["MID_BATCH", "Driver"]
+
+#: ``_next_batch`` between a batch's fetch and its ``batch_end``: not a resumable point.
+MID_BATCH = -1
 
 
 class Driver:
@@ -167,12 +170,15 @@ class Driver:
     ) -> None:
         propose = self._engine.propose
         split = self._step.split
-        first = self._next_batch = 0
+        first = 0
         if resume is None:
             self._phase_rng = phase_start_rng(data)
         else:
             data, first = self._reenter_phase(data, resume), resume.next_batch
         for batch_index, batch in enumerate(data, first):
+            # A batch was fetched, drawing from the data's random generators: no exact
+            # checkpoint until this batch ends (see loop_state.capture).
+            self._next_batch = MID_BATCH
             self.batch_index = batch_index
             self.last_step_input, self.last_step_target = split(self._move(batch))
             taken = propose(Event.BATCH_START)
@@ -183,17 +189,21 @@ class Driver:
                 propose(Event.BATCH_END)
             elif taken is end:
                 return
-            else:
-                self._next_batch = batch_index + 1
+        self._next_batch = MID_BATCH  # exhausting the iterator may have drawn too
         propose(end)
 
     def _reenter_phase(self, data: Iterable[Any], resume: ResumePoint) -> Iterable[Any]:
         """Restore the phase's state after its re-entered start; the data from the next batch."""
         resume.restore_phase(self._as_loop)
-        phase_rng = self._phase_rng = resume.rank_state(self._as_loop)["phase_rng"]
-        restore_phase_start_rng(data, phase_rng)
         self._next_batch = resume.next_batch
         self.resuming = False
+        phase_rng = resume.rank_state(self._as_loop)["phase_rng"]
+        if phase_rng is None:  # taken at the phase start, before its iterator existed
+            resume.restore_rng(self._as_loop)
+            self._phase_rng = phase_start_rng(data)
+            return data
+        self._phase_rng = phase_rng
+        restore_phase_start_rng(data, phase_rng)
         return resumed_data(data, resume.next_batch, lambda: resume.restore_rng(self._as_loop))
 
     def _training_step(self) -> None:
@@ -239,7 +249,7 @@ class Driver:
         assert self.model is not None
         self.is_training = training
         self.batch_index = 0
-        self.batch_count = len(data) if isinstance(data, Sized) else None
+        self.batch_count = length_of(data)
         self.model.train(training)
         torch.set_grad_enabled(training)
         set_sampler_epoch(data, self.epoch_index)
@@ -247,6 +257,7 @@ class Driver:
         for metric in self._metrics:
             metric.reset()
         self._phase_ran = False
+        self._next_batch, self._phase_rng = 0, None
         self._move = self._first_move
 
     def _open_training(self) -> None:

@@ -271,7 +271,6 @@ class TrainingLoop(Driver):
         if self._resume is not None:
             self._resume.restore_before_fit(self)
             self.resuming = True
-            self.epoch_index = self._resume.next_epoch
         self._engine.bind(
             hooks,
             self._entries,

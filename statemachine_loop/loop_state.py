@@ -72,10 +72,14 @@ def callback_states(callbacks: Sequence[object]) -> dict[str, dict[str, Any]]:
 def capture(loop: TrainingLoop) -> dict[str, Any]:
     """The loop's checkpoint payload; only legal where a resumed run can re-enter."""
     state = loop.state
-    if state not in RESUMABLE_STATES or loop.model is None:
+    fetched_ahead = state != "fit" and loop._next_batch < 0
+    if state not in RESUMABLE_STATES or loop.model is None or fetched_ahead:
         raise LifecycleError(
-            f"A checkpoint can be taken only between epochs or at a batch boundary "
-            f"(states {list(RESUMABLE_STATES)}); the loop is in state {state!r}."
+            f"A checkpoint is exact only between epochs or at a batch boundary: in "
+            f"observers of batch_end or epoch_end (or anywhere in states "
+            f"{list(RESUMABLE_STATES)} before a phase fetched its next batch); the loop "
+            f"is in state {state!r} at {loop.previous_state!r} -> {state!r}, with a "
+            "batch already fetched or the data exhausted."
         )
     payload: dict[str, Any] = {
         "format": FORMAT,
@@ -83,6 +87,8 @@ def capture(loop: TrainingLoop) -> dict[str, Any]:
             "state": state,
             "epoch_index": loop.epoch_index,
             "batch_index": loop.batch_index,
+            "batch_count": loop.batch_count,
+            "is_training": loop.is_training,
             "next_epoch": loop._next_epoch,
             "next_batch": loop._next_batch if state != "fit" else 0,
             "epoch_count": loop.epoch_count,
@@ -115,6 +121,24 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     assert isinstance(inner, torch.nn.Module)
     return inner
+
+
+def _check_fits(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose weights do not fit ``model``, before copying any."""
+    current = model.state_dict()
+    problems = [f"missing {key}" for key in sorted(set(current) - set(saved))]
+    problems += [f"unexpected {key}" for key in sorted(set(saved) - set(current))]
+    problems += [
+        f"{key}: checkpoint {tuple(saved[key].shape)}, model {tuple(tensor.shape)}"
+        for key, tensor in current.items()
+        if key in saved and saved[key].shape != tensor.shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        raise ConfigError(
+            f"The checkpoint's weights do not fit this model ({type(model).__name__}): "
+            f"{shown}. Nothing was loaded."
+        )
 
 
 def _metric_state(metric: object) -> dict[str, Any] | None:
@@ -183,14 +207,18 @@ class ResumePoint:
                 f"The checkpoint is at epoch index {last} but this fit asks for only "
                 f"{loop.epoch_count} epoch(s); pass epochs > {last} to continue it."
             )
+        self.rank_state(loop)  # the process count must match before anything is loaded
+        _check_fits(unwrap(loop.model), self.payload["model"])
         try:
-            self.rank_state(loop)
             unwrap(loop.model).load_state_dict(self.payload["model"])
             loop.optimizer.load_state_dict(self.payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise ConfigError(
                 f"The checkpoint does not fit this model and optimizer: {error}"
-            ) from error
+            ) from None
+        position = self.payload["position"]
+        loop.epoch_index, loop.batch_index = self.epoch_index, self.batch_index
+        loop.is_training, loop.batch_count = position["is_training"], position["batch_count"]
         history = self.payload["history"]
         loop.history = History(training=history["training"], validation=history["validation"])
 

@@ -8,6 +8,7 @@ checked by :func:`checked_loss` on the hot path, at the cost of one attribute re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sized
 from typing import Any
 
@@ -17,6 +18,7 @@ from statemachine_loop.errors import ConfigError
 
 __all__ = [
     "check_data",
+    "length_of",
     "check_fit_arguments",
     "checked_loss",
     "move_optimizer_state",
@@ -31,8 +33,22 @@ def check_data(name: str, data: object) -> None:
             f"{name} must be an iterable of batches such as a DataLoader; "
             f"got {type(data).__name__}."
         )
-    if isinstance(data, Sized) and len(data) == 0:
+    if length_of(data) == 0:
         raise ConfigError(f"{name} holds no batches; give it at least one batch.")
+
+
+def length_of(data: object) -> int | None:
+    """How many batches ``data`` yields, or ``None`` when it cannot say.
+
+    A ``DataLoader`` over an ``IterableDataset`` without ``__len__`` has ``__len__``
+    itself but raises ``TypeError`` from it: that is "unknown", not an error.
+    """
+    if not isinstance(data, Sized):
+        return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def check_fit_arguments(model: object, epochs: object, optimizer: torch.optim.Optimizer) -> None:
@@ -54,15 +70,32 @@ def check_fit_arguments(model: object, epochs: object, optimizer: torch.optim.Op
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """Parse ``device``; CUDA must be available when asked for."""
+    """Parse ``device``; CUDA must be available when asked for.
+
+    A bare ``"cuda"`` means the GPU of this process's ``LOCAL_RANK`` under torchrun
+    (the current device otherwise), which also becomes the current device, so nccl collectives and
+    tensors created with ``device="cuda"`` land on the right GPU.
+    """
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ConfigError(
             f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device; got {device!r}."
         ) from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was requested but CUDA is not available here.")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} was requested but CUDA is not available here.")
+        if resolved.index is None:
+            # Under torchrun each process owns the GPU of its local rank.
+            local_rank = os.environ.get("LOCAL_RANK")
+            index = torch.cuda.current_device() if local_rank is None else int(local_rank)
+            resolved = torch.device("cuda", index)
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r} resolves to {resolved} but only "
+                f"{torch.cuda.device_count()} CUDA device(s) are visible."
+            )
+        torch.cuda.set_device(resolved)  # collectives and "cuda" tensors follow it
     return resolved
 
 

@@ -47,8 +47,9 @@ class Checkpoint(Callback):
         monitor: ``"<phase>/<metric>"`` (e.g. ``"validation/loss"``) to also keep the
             ``keep_best`` best epoch checkpoints, whatever their age.
         mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
-        handle_preemption: on SIGTERM/SIGINT, stop at the next batch boundary with
-            ``Stop("preempted")`` after writing a checkpoint; a second SIGINT aborts.
+        handle_preemption: on SIGTERM/SIGINT, stop at the next batch boundary (the
+            next ``batch_end`` or ``epoch_end``) with ``Stop("preempted")`` after
+            writing a checkpoint; a second SIGINT aborts at once.
     """
 
     runs_last: ClassVar[bool] = True
@@ -88,11 +89,8 @@ class Checkpoint(Callback):
         self.saved: list[CheckpointInfo] = []
         self._saves = 0
         self._training_batches = 0
-        if every_n_batches is None:
+        if every_n_batches is None and not handle_preemption:
             self.on_batch_end = None  # type: ignore[assignment]
-        if not handle_preemption:
-            for hook in ("epoch_start", "batch_start", "training_end", "validation_end"):
-                setattr(self, f"guard_{hook}", None)
         self._handle_preemption = handle_preemption
 
     def state_dict(self) -> dict[str, Any]:
@@ -113,46 +111,43 @@ class Checkpoint(Callback):
         """Restore the previous signal handlers."""
         self.preemption.uninstall()
 
-    def on_batch_end(self, loop: TrainingLoop) -> None:
-        """Save after every ``every_n_batches``-th training batch."""
-        if not loop.is_training or loop.stop_reason is not None or loop.failure is not None:
-            return
-        self._training_batches += 1
-        assert self.every_n_batches is not None
-        if self._training_batches % self.every_n_batches == 0:
-            self.save(loop, reason="schedule")
+    def on_batch_end(self, loop: TrainingLoop) -> Stop | None:
+        """After a preemption signal, checkpoint and stop; else save every n-th training batch.
 
-    def on_epoch_end(self, loop: TrainingLoop) -> None:
-        """Save after every ``every_n_epochs``-th epoch."""
-        if loop.stop_reason is not None or loop.failure is not None or not self.every_n_epochs:
-            return
-        if (loop.epoch_index + 1) % self.every_n_epochs == 0:
-            self.save(loop, reason="schedule")
-
-    def _preempted(self, loop: TrainingLoop) -> Stop | None:
-        requested = self.preemption.requested is not None
-        if loop.collective is not None:  # every rank calls this guard: agree first
-            requested = loop.collective.any(requested)
-        if not requested or loop.stop_reason is not None:
+        A ``batch_end`` observer is an exact boundary: the next batch has not been
+        fetched, so the resumed run draws the same random numbers from here on.
+        """
+        if loop.stop_reason is not None or loop.failure is not None:
             return None
+        if self._preempted(loop):
+            return self._save_and_stop(loop)
+        if loop.is_training and self.every_n_batches is not None:
+            self._training_batches += 1
+            if self._training_batches % self.every_n_batches == 0:
+                self.save(loop, reason="schedule")
+        return None
+
+    def on_epoch_end(self, loop: TrainingLoop) -> Stop | None:
+        """After a preemption signal, checkpoint and stop; else save every n-th epoch."""
+        if loop.stop_reason is not None or loop.failure is not None:
+            return None
+        if self._preempted(loop):
+            return self._save_and_stop(loop)
+        if self.every_n_epochs and (loop.epoch_index + 1) % self.every_n_epochs == 0:
+            self.save(loop, reason="schedule")
+        return None
+
+    def _preempted(self, loop: TrainingLoop) -> bool:
+        if not self._handle_preemption:
+            return False
+        requested = self.preemption.requested is not None
+        if loop.collective is not None:  # every rank calls this observer: agree first
+            requested = loop.collective.any(requested)
+        return requested
+
+    def _save_and_stop(self, loop: TrainingLoop) -> Stop:
         self.save(loop, reason="preempted")
         return Stop("preempted")
-
-    def guard_epoch_start(self, loop: TrainingLoop) -> Stop | None:
-        """At a batch boundary after a preemption signal: checkpoint, then stop."""
-        return self._preempted(loop)
-
-    def guard_batch_start(self, loop: TrainingLoop) -> Stop | None:
-        """At a batch boundary after a preemption signal: checkpoint, then stop."""
-        return self._preempted(loop)
-
-    def guard_training_end(self, loop: TrainingLoop) -> Stop | None:
-        """At a batch boundary after a preemption signal: checkpoint, then stop."""
-        return self._preempted(loop)
-
-    def guard_validation_end(self, loop: TrainingLoop) -> Stop | None:
-        """At a batch boundary after a preemption signal: checkpoint, then stop."""
-        return self._preempted(loop)
 
     def save(self, loop: TrainingLoop, *, reason: str = "manual") -> CheckpointInfo | None:
         """Write a checkpoint of ``loop`` now, then drop the ones no longer kept.

@@ -15,6 +15,7 @@ import torch
 from statemachine_loop.callback import Callback
 from statemachine_loop.decisions import Stop
 from statemachine_loop.errors import ConfigError
+from statemachine_loop.loop_state import unwrap
 
 if TYPE_CHECKING:
     from statemachine_loop.loop import TrainingLoop
@@ -144,7 +145,7 @@ class EarlyStopping(Callback):
             if self.restore_best and loop.model is not None:
                 self._best_weights = {
                     key: tensor.detach().to("cpu", copy=True)
-                    for key, tensor in loop.model.state_dict().items()
+                    for key, tensor in unwrap(loop.model).state_dict().items()
                 }
             return None
         self.wait += 1
@@ -183,7 +184,7 @@ class EarlyStopping(Callback):
             and loop.failure is None
             and loop.model is not None
         ):
-            loop.model.load_state_dict(self._best_weights)
+            unwrap(loop.model).load_state_dict(self._best_weights)
 
     def state_dict(self) -> dict[str, Any]:
         """Best value, its epoch, epochs waited and the best weights."""

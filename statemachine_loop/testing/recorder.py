@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
@@ -56,6 +56,8 @@ class TraceRecorder(Callback):
     it. ``events`` gives the bare event sequence, the form golden traces are written
     in; ``entries`` keeps indices and flags for invariant checks.
     """
+
+    may_stop: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.entries: list[TraceEntry] = []
