@@ -240,9 +240,13 @@ class Engine:
 
         The event has happened, so every observer sees it even when one raises: the
         first exception is raised after the last observer, later ones attached as notes.
+        In a single process a ``Stop`` is recorded, and ``stop_reason`` set, at once, so
+        the observers after it (``Checkpoint`` runs last) know the loop is stopping;
+        under ``torch.distributed`` that waits until the ranks agreed, after the last.
         """
         loop = self._loop
         stoppers = self._stoppers[event]
+        at_once = self.collective is None and not self.winding_down
         stops: list[tuple[str, Decision]] = []
         raised: list[tuple[BaseException, str]] = []
         for name, observer in self._observers[event]:
@@ -257,6 +261,16 @@ class Engine:
                         "callback's may_stop is true."
                     )
                 stops.append((name, result))
+                if at_once:
+                    self._record(
+                        event,
+                        self.model.state,
+                        (name, result, None),
+                        applied=True,
+                        why=None,
+                        from_observer=True,
+                    )
+                    self._set_stop_reason(result, [(name, result, None)], event)
             except BaseException as exc:
                 if self.winding_down:
                     self._failed(exc, name, event)
@@ -281,9 +295,12 @@ class Engine:
                     from_observer=True,
                 )
             return None
-        decided = self._agree(stops) if stoppers else []
-        for item in decided:
-            self._record(event, state, item, applied=True, why=None, from_observer=True)
+        if at_once:
+            decided = [(name, stop, None) for name, stop in stops]
+        else:
+            decided = self._agree(stops) if stoppers else []
+            for item in decided:
+                self._record(event, state, item, applied=True, why=None, from_observer=True)
         if not decided:
             return None
         winner = decided[0][1]

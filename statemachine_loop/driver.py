@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from statemachine_loop.callback import CallbackLike
-from statemachine_loop.dispatch import Engine
+from statemachine_loop.dispatch import Engine, Stopping
 from statemachine_loop.distributed import Collective, set_sampler_epoch
 from statemachine_loop.errors import LifecycleError
 from statemachine_loop.events import Event
@@ -92,6 +92,7 @@ class Driver:
     batch_count: int | None
     is_training: bool
     resuming: bool
+    stop_reason: str | None
     last_step_input: Any
     last_step_target: Any
     last_step_output: Any
@@ -118,6 +119,9 @@ class Driver:
         if resume is not None:
             resume.restore_after_fit_start(self._as_loop)
             first_epoch = resume.next_epoch
+            if resume.stop_reason is not None:  # the interrupted run was stopping here
+                self.resuming, self.stop_reason = False, resume.stop_reason
+                raise Stopping
             if not resume.mid_phase:
                 resume.restore_rng(self._as_loop)
                 self.resuming, resume = False, None
@@ -180,6 +184,7 @@ class Driver:
             # checkpoint until this batch ends (see loop_state.capture).
             self._next_batch = MID_BATCH
             self.batch_index = batch_index
+            self.last_step_output = self.last_step_loss = None  # never stale across batches
             self.last_step_input, self.last_step_target = split(self._move(batch))
             taken = propose(Event.BATCH_START)
             if taken is Event.BATCH_START:

@@ -64,6 +64,8 @@ class TrainingLoop(Driver):
             through ``transitions``' ``Machine.trigger``; the reference).
         step: a :class:`~statemachine_loop.Step` for batches that are not
             ``(input, target)`` pairs.
+        progress: show a ``ProgressBar`` (animated on a terminal, one line per phase
+            elsewhere); ``False`` turns it off.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class TrainingLoop(Driver):
         callbacks: Sequence[CallbackLike] = (),
         engine: Literal["compiled", "transitions"] = "compiled",
         step: Step | None = None,
+        progress: bool = True,
     ) -> None:
         check_data("training", training)
         if validation is not None:
@@ -95,6 +98,11 @@ class TrainingLoop(Driver):
             raise ConfigError(f"metrics must be a list of names; got the string {metrics!r}.")
         self.optimizer = optimizer
         self.callbacks: list[CallbackLike] = list(callbacks)
+        if progress:
+            from statemachine_loop.callbacks.progress import ProgressBar
+
+            if not any(isinstance(c, ProgressBar) for c in self.callbacks):
+                self.callbacks.insert(0, ProgressBar())
         collect_hooks(self.callbacks)  # fail on a bad callback now, not at fit time
         self._training = training
         self._validation = validation
@@ -151,6 +159,11 @@ class TrainingLoop(Driver):
     def state(self) -> str:
         """The machine's current state name (``idle``, ``fit``, ``epoch``, ... ``done``)."""
         return self._engine.model.state
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys of ``metrics`` and of each ``History`` entry (besides ``"epoch"``)."""
+        return tuple(metric.name for metric in self._metrics)
 
     @property
     def active_callbacks(self) -> tuple[CallbackLike, ...]:

@@ -89,6 +89,7 @@ def capture(loop: TrainingLoop) -> dict[str, Any]:
             "batch_index": loop.batch_index,
             "batch_count": loop.batch_count,
             "is_training": loop.is_training,
+            "stop_reason": loop.stop_reason,
             "next_epoch": loop._next_epoch,
             "next_batch": loop._next_batch if state != "fit" else 0,
             "epoch_count": loop.epoch_count,
@@ -182,6 +183,12 @@ class ResumePoint:
             next_batch=int(position["next_batch"]),
             payload=payload,
         )
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Set when the checkpoint was taken as the loop stopped: the resume stops too."""
+        reason = self.payload["position"].get("stop_reason")
+        return None if reason is None else str(reason)
 
     @property
     def mid_phase(self) -> bool:

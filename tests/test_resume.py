@@ -115,6 +115,7 @@ def build_world(
         metrics=["accuracy"],
         callbacks=[*callbacks, log_batch, recorder],
         engine=engine,  # type: ignore[arg-type]
+        progress=False,
     )
     return World(loop, model, recorder, batches)
 

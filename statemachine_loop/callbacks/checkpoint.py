@@ -19,8 +19,9 @@ from statemachine_loop.checkpoint_io import (
     list_checkpoints,
     save_checkpoint,
 )
-from statemachine_loop.decisions import Stop
+from statemachine_loop.decisions import DecisionKind, Stop
 from statemachine_loop.errors import ConfigError
+from statemachine_loop.events import Event
 from statemachine_loop.preemption import PreemptionHandler
 
 if TYPE_CHECKING:
@@ -128,8 +129,17 @@ class Checkpoint(Callback):
         return None
 
     def on_epoch_end(self, loop: TrainingLoop) -> Stop | None:
-        """After a preemption signal, checkpoint and stop; else save every n-th epoch."""
-        if loop.stop_reason is not None or loop.failure is not None:
+        """After a preemption signal, checkpoint and stop; else save every n-th epoch.
+
+        An epoch that a stop decided at this ``epoch_end`` ends (``EarlyStopping``) is
+        saved too, with the stop, so ``resume="auto"`` from it stops as the run did
+        instead of training on. Epochs closed by a wind-down are not saved.
+        """
+        if loop.failure is not None:
+            return None
+        if loop.stop_reason is not None:
+            if _stopped_at_this_epoch_end(loop) and self.every_n_epochs:
+                self.save(loop, reason="stopped")
             return None
         if self._preempted(loop):
             return self._save_and_stop(loop)
@@ -204,3 +214,13 @@ class Checkpoint(Callback):
         for checkpoint in checkpoints:
             if id(checkpoint) not in keep:
                 delete_checkpoint(checkpoint)
+
+
+def _stopped_at_this_epoch_end(loop: TrainingLoop) -> bool:
+    """Whether the stop was decided on this very ``epoch_end`` (not an earlier event)."""
+    for record in reversed(loop.decisions):
+        if record.event is not Event.EPOCH_END or record.epoch_index != loop.epoch_index:
+            return False
+        if record.kind is DecisionKind.STOP and record.applied:
+            return True
+    return False
