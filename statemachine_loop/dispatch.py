@@ -57,6 +57,9 @@ _NO_HOOKS = HookMap(
     stoppers={event: frozenset() for event in Event},
 )
 
+#: A compiled event: its moves ``{source: destination}``, entry work, guarded, observed.
+_Plan = tuple[dict[str, str], Callable[[], None] | None, bool, bool]
+
 #: A decision with the callback that took it and, under torch.distributed, its rank.
 _Decided = tuple[str, Decision, int | None]
 
@@ -295,6 +298,7 @@ class Engine:
                     from_observer=True,
                 )
             return None
+        decided: list[_Decided]
         if at_once:
             decided = [(name, stop, None) for name, stop in stops]
         else:
@@ -354,25 +358,54 @@ class Engine:
 
 
 class CompiledEngine(Engine):
-    """The default engine: table lookups and precomputed hook lists, no ``trigger`` calls."""
+    """The default engine: table lookups and precomputed hook lists, no ``trigger`` calls.
+
+    ``bind`` compiles one plan per event — its moves read off the machine
+    (``{source: destination}``), the loop's entry work, and whether any guard or
+    observer hooks it — so a proposal costs one dict lookup for the plan, one for the
+    move, and only the hook calls that exist.
+    """
 
     name = "compiled"
 
+    def bind(
+        self,
+        hooks: HookMap,
+        entries: Mapping[Event, Callable[[], None]],
+        *,
+        can_validate: bool,
+        collective: Collective | None = None,
+    ) -> None:
+        """Bind as :meth:`Engine.bind` does, then compile the per-event plans."""
+        super().bind(hooks, entries, can_validate=can_validate, collective=collective)
+        moves: dict[Event, dict[str, str]] = {event: {} for event in Event}
+        for (source, event), dest in self._table.items():
+            moves[event][source] = dest
+        self._plans: dict[Event, _Plan] = {
+            event: (
+                moves[event],
+                entries.get(event),
+                bool(hooks.guards[event]),
+                bool(hooks.observers[event]),
+            )
+            for event in Event
+        }
+
     def propose(self, event: Event) -> Event | None:
         """Propose ``event`` (see :meth:`Engine.propose`)."""
+        moves, entry, guarded, observed = self._plans[event]
         model = self.model
         state = model.state
-        dest = self._table.get((state, event))
+        dest = moves.get(state)
         if dest is None:
             raise self._illegal(state, event)
-        entry = self._entries.get(event)
         if entry is not None:
             self._enter(event, entry)
-        decision = self._decide(event, state) if self._guards[event] else None
+        decision = self._decide(event, state) if guarded else None
         if decision is None or (event in END_EVENTS and type(decision) is Stop):
             self.source = state
             model.state = dest
-            stop = self._observe(event) if self._observers[event] else None
+            stop = self._observe(event) if observed else None
             if (decision is not None or stop is not None) and not self.winding_down:
                 raise Stopping
             return event

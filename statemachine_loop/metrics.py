@@ -24,6 +24,7 @@ from statemachine_loop.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "LOSS_CHUNK",
     "KNOWN_METRICS",
     "Metric",
     "accuracy",
@@ -36,6 +37,8 @@ __all__ = [
 
 #: How many batches a built-in metric buffers before folding them on the device.
 DEFAULT_CHUNK = 64
+#: The loss buffers only a scalar per batch, so it can afford a much longer chunk.
+LOSS_CHUNK = 1024
 
 
 @runtime_checkable
@@ -317,11 +320,13 @@ class _Perplexity(_PredictionMetric):
         return math.exp(nll / tokens) if tokens else math.nan
 
 
-def loss(*, name: str = "loss", chunk: int = DEFAULT_CHUNK) -> Metric:
+def loss(*, name: str = "loss", chunk: int = LOSS_CHUNK) -> Metric:
     """The loop's loss averaged over samples: ``sum(loss_b * n_b) / sum(n_b)``.
 
     Weighting by batch size keeps a short last batch from counting as much as a
-    full one, so the value equals the mean loss over the whole phase.
+    full one, so the value equals the mean loss over the whole phase. Buffered
+    losses are scalars, so it folds only every :data:`LOSS_CHUNK` batches: the fold's
+    handful of kernel launches then costs next to nothing per batch.
     """
     return _Loss(name, chunk)
 

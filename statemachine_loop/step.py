@@ -42,6 +42,9 @@ class Step:
 
     def split(self, batch: Any) -> tuple[Any, Any]:
         """Split a batch into ``(input, target)``; the default expects a 2-item sequence."""
+        kind = type(batch)
+        if (kind is list or kind is tuple) and len(batch) == 2:  # what DataLoader yields
+            return batch[0], batch[1]
         if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
             return batch[0], batch[1]
         raise ConfigError(
@@ -60,6 +63,8 @@ class Step:
 
     def batch_size(self, inputs: Any, target: Any) -> int:
         """How many samples the batch holds, to weight its loss: the target's first dimension."""
+        if type(target) is torch.Tensor and target.ndim:
+            return target.shape[0]
         if isinstance(target, torch.Tensor) and target.ndim > 0:
             return int(target.shape[0])
         if isinstance(target, Sequence):
