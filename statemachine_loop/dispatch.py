@@ -119,6 +119,10 @@ class Engine:
         self.hook_errors = []
         self.source = INITIAL_STATE
         self.machine.set_state(INITIAL_STATE, model=self.model)
+        self._compile(hooks, entries)
+
+    def _compile(self, hooks: HookMap, entries: Mapping[Event, Callable[[], None]]) -> None:
+        """Precompute what the engine needs per event; nothing for the reference engine."""
 
     def propose(self, event: Event) -> Event | None:
         """Propose ``event``: return the event taken, or ``None`` if it was vetoed.
@@ -360,7 +364,7 @@ class Engine:
 class CompiledEngine(Engine):
     """The default engine: table lookups and precomputed hook lists, no ``trigger`` calls.
 
-    ``bind`` compiles one plan per event — its moves read off the machine
+    Binding compiles one plan per event — its moves read off the machine
     (``{source: destination}``), the loop's entry work, and whether any guard or
     observer hooks it — so a proposal costs one dict lookup for the plan, one for the
     move, and only the hook calls that exist.
@@ -368,16 +372,7 @@ class CompiledEngine(Engine):
 
     name = "compiled"
 
-    def bind(
-        self,
-        hooks: HookMap,
-        entries: Mapping[Event, Callable[[], None]],
-        *,
-        can_validate: bool,
-        collective: Collective | None = None,
-    ) -> None:
-        """Bind as :meth:`Engine.bind` does, then compile the per-event plans."""
-        super().bind(hooks, entries, can_validate=can_validate, collective=collective)
+    def _compile(self, hooks: HookMap, entries: Mapping[Event, Callable[[], None]]) -> None:
         moves: dict[Event, dict[str, str]] = {event: {} for event in Event}
         for (source, event), dest in self._table.items():
             moves[event][source] = dest
