@@ -28,6 +28,7 @@ from statemachine_loop.machine import (
     build_machine,
     transition_table,
 )
+from statemachine_loop.testing.invariants import TraceViolation, assert_valid_trace, replay
 
 __all__ = [
     "LOG_FILE_NAME",
@@ -140,60 +141,80 @@ def number(value: Any) -> float:
 def validate(records: list[Record]) -> tuple[int, Violation | None]:
     """Replay every ``transition`` record through the lifecycle machine.
 
-    Each fit (``run_id``) starts at ``idle``. A record is a violation when its event
-    is not legal in the replayed state, when its ``from_state`` or ``to_state``
-    disagree with the machine, or when a fit's records end before ``done``.
-    Per-batch events that an INFO log leaves out need no special case: every batch
-    returns the machine to its phase state, so the remaining word is still legal.
-    Returns the number of transitions replayed and the first violation, if any.
+    Each fit (``run_id``) is checked with the same checker the conformance kit uses,
+    :func:`~statemachine_loop.testing.invariants.assert_valid_trace`: its events must
+    be a word of the machine from ``idle`` to ``done``, with balanced scopes. Then
+    every record's ``from_state`` and ``to_state`` must agree with the replay. Per-batch
+    events that an INFO log leaves out need no special case: every batch returns the
+    machine to its phase state, so the remaining word is still legal. Returns the
+    number of transitions replayed and the first violation, if any.
     """
-    table = transition_table(build_machine(MachineModel()))
-    state, run_id, replayed, last_line = INITIAL_STATE, None, 0, 0
-
-    def legal_from(where: str) -> tuple[str, ...]:
-        return tuple(sorted(event.value for source, event in table if source == where))
-
-    def unfinished(line: int) -> Violation:
-        return Violation(
-            line, "fit_end", state, legal_from(state),
-            f"line {line}: run {run_id} ends in state {state!r} without reaching "
-            f"{FINAL_STATE!r}; the events legal there are {list(legal_from(state))}.",
-        )  # fmt: skip
-
+    runs: dict[object, list[Record]] = {}
     for record in records:
-        if record.kind != "transition":
-            continue
-        if record.data["run_id"] != run_id:
-            if run_id is not None and state != FINAL_STATE:
-                return replayed, unfinished(last_line)
-            state, run_id = INITIAL_STATE, record.data["run_id"]
-        name = record.event
-        legal = legal_from(state)
-        try:
-            dest = table.get((state, Event(name)))
-        except ValueError:
-            dest = None
-        if dest is None:
-            return replayed, Violation(
-                record.line, name, state, legal,
-                f"line {record.line}: event {name!r} cannot be taken from state {state!r}; "
-                f"the events legal there are {list(legal)}.",
-            )  # fmt: skip
-        recorded = (record.data.get("from_state"), record.data.get("to_state"))
-        if recorded != (state, dest):
-            return replayed, Violation(
-                record.line, name, state, legal,
-                f"line {record.line}: event {name!r} is recorded as {recorded[0]!r} -> "
-                f"{recorded[1]!r}, but the machine takes it {state!r} -> {dest!r}.",
-            )  # fmt: skip
-        state, replayed, last_line = dest, replayed + 1, record.line
-    if run_id is None:
+        if record.kind == "transition":
+            runs.setdefault(record.data["run_id"], []).append(record)
+    if not runs:
         raise LogReadError(
             "the log holds no transition records (was it written at level warning or above?)."
         )
-    if state != FINAL_STATE:
-        return replayed, unfinished(last_line)
+    replayed = 0
+    for run_id, run in runs.items():
+        names = [record.event for record in run]
+        try:
+            events = [Event(name) for name in names]
+        except ValueError:
+            bad = next(i for i, name in enumerate(names) if name not in _EVENT_VALUES)
+            state = replay([Event(name) for name in names[:bad]])[-1] if bad else INITIAL_STATE
+            legal = _legal_values(state)
+            return replayed + bad, Violation(
+                run[bad].line, names[bad], state, legal,
+                f"line {run[bad].line}: event {names[bad]!r} is not a lifecycle event; the "
+                f"events legal in state {state!r} are {list(legal)}.",
+            )  # fmt: skip
+        try:
+            assert_valid_trace(events)
+        except TraceViolation as violation:
+            return replayed + violation.index, _violation(run, run_id, violation)
+        states = replay(events)
+        for record, before, after in zip(run, [INITIAL_STATE, *states[:-1]], states, strict=True):
+            recorded = (record.data.get("from_state"), record.data.get("to_state"))
+            if recorded != (before, after):
+                return replayed, Violation(
+                    record.line, record.event, before, _legal_values(before),
+                    f"line {record.line}: event {record.event!r} is recorded as "
+                    f"{recorded[0]!r} -> {recorded[1]!r}, but the machine takes it "
+                    f"{before!r} -> {after!r}.",
+                )  # fmt: skip
+            replayed += 1
     return replayed, None
+
+
+_EVENT_VALUES = frozenset(event.value for event in Event)
+
+
+def _legal_values(state: str) -> tuple[str, ...]:
+    table = transition_table(build_machine(MachineModel()))
+    return tuple(sorted(event.value for source, event in table if source == state))
+
+
+def _violation(run: list[Record], run_id: object, violation: TraceViolation) -> Violation:
+    legal = tuple(sorted(event.value for event in violation.legal))
+    if violation.event is None:  # the run ended before done
+        line = run[-1].line
+        return Violation(
+            line, FINAL_STATE, violation.state, legal,
+            f"line {line}: run {run_id} ends in state {violation.state!r} without reaching "
+            f"{FINAL_STATE!r}; the events legal there are {list(legal)}.",
+        )  # fmt: skip
+    line, name = run[violation.index].line, violation.event.value
+    if violation.rule == 1:
+        message = (
+            f"line {line}: event {name!r} cannot be taken from state {violation.state!r}; "
+            f"the events legal there are {list(legal)}."
+        )
+    else:
+        message = f"line {line}: {violation}"
+    return Violation(line, name, violation.state, legal, message)
 
 
 @attrs.define

@@ -337,9 +337,12 @@ class TrainingLoop(Driver):
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, as tensors and plain data (see ``Checkpoint``).
 
-        Legal between epochs and at batch boundaries: in observers of ``batch_end``
-        and ``epoch_end``, and in guards of ``batch_start``, ``epoch_start`` and the
-        phase ends.
+        Legal only where the state is exact: between epochs (observers of
+        ``epoch_end``, guards of ``epoch_start``) and at batch boundaries (observers
+        of ``batch_end``, a phase start's observers). After a batch was fetched, and
+        until it ends, the data's generators have drawn for it, so a resume would draw
+        again: there (guards of ``batch_start`` and of the phase ends) it raises
+        ``LifecycleError``.
         """
         return capture(self)
 

@@ -187,12 +187,15 @@ class EarlyStopping(Callback):
             unwrap(loop.model).load_state_dict(self._best_weights)
 
     def state_dict(self) -> dict[str, Any]:
-        """Best value, its epoch, epochs waited and the best weights."""
+        """Best value, its epoch, epochs waited, the best weights, and which phases of
+        the current epoch already completed (a checkpoint may fall between them)."""
         return {
             "best": self.best,
             "best_epoch": self.best_epoch,
             "wait": self.wait,
             "best_weights": self._best_weights,
+            "complete_epoch": dict(self._complete_epoch),
+            "validation_proposed": self._validation_proposed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -202,3 +205,5 @@ class EarlyStopping(Callback):
         self.wait = int(state["wait"])
         weights = state["best_weights"]
         self._best_weights = None if weights is None else dict(weights)
+        self._complete_epoch = {str(k): int(v) for k, v in state["complete_epoch"].items()}
+        self._validation_proposed = bool(state["validation_proposed"])

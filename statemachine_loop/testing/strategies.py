@@ -364,5 +364,6 @@ def tiny_loop(
         metrics=metrics,
         callbacks=callbacks,
         engine=engine,
+        progress=False,
     )
     return loop, model
