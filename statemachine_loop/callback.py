@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 import attrs
 
 from statemachine_loop.errors import ConfigError
-from statemachine_loop.events import Event
+from statemachine_loop.events import ALL_EVENTS, Event
 
 if TYPE_CHECKING:
     from statemachine_loop.decisions import Decision, Stop
@@ -120,14 +120,14 @@ def collect_hooks(callbacks: Sequence[object]) -> HookMap:
     Raises :class:`ConfigError` for an object that is neither a ``Callback`` nor
     callable, and for a ``Callback`` with a misspelled hook name.
     """
-    guards: dict[Event, list[Hook]] = {event: [] for event in Event}
-    observers: dict[Event, list[Hook]] = {event: [] for event in Event}
-    stoppers: dict[Event, set[str]] = {event: set() for event in Event}
+    guards: dict[Event, list[Hook]] = {event: [] for event in ALL_EVENTS}
+    observers: dict[Event, list[Hook]] = {event: [] for event in ALL_EVENTS}
+    stoppers: dict[Event, set[str]] = {event: set() for event in ALL_EVENTS}
     for callback in callbacks:
         name = callback_name(callback)
         if isinstance(callback, Callback):
             _check_hook_names(callback)
-            for event in Event:
+            for event in ALL_EVENTS:
                 guard = getattr(callback, _GUARD_PREFIX + event.value, None)
                 if guard is not None:
                     guards[event].append((name, guard))
@@ -137,7 +137,7 @@ def collect_hooks(callbacks: Sequence[object]) -> HookMap:
                     if callback.may_stop:
                         stoppers[event].add(name)
         elif callable(callback):
-            for event in Event:
+            for event in ALL_EVENTS:
                 observers[event].append((name, _function_observer(callback, event)))
                 stoppers[event].add(name)
         else:

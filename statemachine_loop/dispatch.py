@@ -33,7 +33,7 @@ from statemachine_loop.decisions import (
     resolve,
 )
 from statemachine_loop.errors import IllegalRedirectError, LifecycleError
-from statemachine_loop.events import END_EVENTS, Event
+from statemachine_loop.events import ALL_EVENTS, END_EVENTS, Event
 from statemachine_loop.machine import (
     INITIAL_STATE,
     REDIRECT_TARGETS,
@@ -52,9 +52,9 @@ if TYPE_CHECKING:
 __all__ = ["ENGINES", "CompiledEngine", "Engine", "Stopping", "TransitionsEngine"]
 
 _NO_HOOKS = HookMap(
-    guards={event: () for event in Event},
-    observers={event: () for event in Event},
-    stoppers={event: frozenset() for event in Event},
+    guards={event: () for event in ALL_EVENTS},
+    observers={event: () for event in ALL_EVENTS},
+    stoppers={event: frozenset() for event in ALL_EVENTS},
 )
 
 #: A compiled event: its moves ``{source: destination}``, entry work, guarded, observed.
@@ -373,7 +373,7 @@ class CompiledEngine(Engine):
     name = "compiled"
 
     def _compile(self, hooks: HookMap, entries: Mapping[Event, Callable[[], None]]) -> None:
-        moves: dict[Event, dict[str, str]] = {event: {} for event in Event}
+        moves: dict[Event, dict[str, str]] = {event: {} for event in ALL_EVENTS}
         for (source, event), dest in self._table.items():
             moves[event][source] = dest
         self._plans: dict[Event, _Plan] = {
@@ -383,7 +383,7 @@ class CompiledEngine(Engine):
                 bool(hooks.guards[event]),
                 bool(hooks.observers[event]),
             )
-            for event in Event
+            for event in ALL_EVENTS
         }
 
     def propose(self, event: Event) -> Event | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["END_EVENTS", "Event", "START_EVENTS"]
+__all__ = ["ALL_EVENTS", "END_EVENTS", "Event", "START_EVENTS"]
 
 
 class Event(enum.StrEnum):
@@ -56,3 +56,7 @@ END_EVENTS: frozenset[Event] = frozenset(
 
 #: Events that open a scope or a step inside one: the ones a guard may veto.
 START_EVENTS: frozenset[Event] = frozenset(Event) - END_EVENTS
+
+#: Every event, in declaration order: a tuple, because iterating the enum class itself
+#: goes through a Python generator each time, and ``fit`` does it dozens of times.
+ALL_EVENTS: tuple[Event, ...] = tuple(Event)

@@ -27,7 +27,7 @@ from statemachine_loop.distributed import (
 )
 from statemachine_loop.driver import Driver
 from statemachine_loop.errors import ConfigError, LifecycleError
-from statemachine_loop.events import Event
+from statemachine_loop.events import ALL_EVENTS, Event
 from statemachine_loop.history import History
 from statemachine_loop.loop_state import ResumePoint, capture, resolve_resume
 from statemachine_loop.machine import FINAL_STATE, INITIAL_STATE
@@ -265,7 +265,7 @@ class TrainingLoop(Driver):
         self._resume, self.resumed_from = resolve_resume(resume, self._fit_callbacks)
         self.device = resolve_device(device)
         self.collective = join_process_group(self.device)
-        self.model = model.to(self.device)
+        self.model = model if _already_on(model, self.device) else model.to(self.device)
         self._fit_training, self._fit_validation = self._training, self._validation
         if self.collective is not None:
             self.model, self._fit_training, self._fit_validation = self._distribute(hooks)
@@ -356,6 +356,12 @@ class TrainingLoop(Driver):
             raise first
 
 
+def _already_on(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer is on ``device``: ``model.to`` is then a no-op
+    that still walks every module (about 0.1 ms for a small model, per fit)."""
+    return all(t.device == device for t in (*model.parameters(), *model.buffers()))
+
+
 def _hook_signature(hooks: HookMap) -> list[tuple[str, int, int, int]]:
     return [
         (
@@ -364,7 +370,7 @@ def _hook_signature(hooks: HookMap) -> list[tuple[str, int, int, int]]:
             len(hooks.observers[event]),
             len(hooks.stoppers[event]),
         )
-        for event in Event
+        for event in ALL_EVENTS
     ]
 
 
