@@ -57,8 +57,9 @@ _NO_HOOKS = HookMap(
     stoppers={event: frozenset() for event in ALL_EVENTS},
 )
 
-#: A compiled event: its moves ``{source: destination}``, entry work, guarded, observed.
-_Plan = tuple[dict[str, str], Callable[[], None] | None, bool, bool]
+#: A compiled event: its moves ``{source: destination}``, entry work, whether it is
+#: guarded, observed, or bare (none of these: the proposal is only the move).
+_Plan = tuple[dict[str, str], Callable[[], None] | None, bool, bool, bool]
 
 #: A decision with the callback that took it and, under torch.distributed, its rank.
 _Decided = tuple[str, Decision, int | None]
@@ -376,24 +377,25 @@ class CompiledEngine(Engine):
         moves: dict[Event, dict[str, str]] = {event: {} for event in ALL_EVENTS}
         for (source, event), dest in self._table.items():
             moves[event][source] = dest
-        self._plans: dict[Event, _Plan] = {
-            event: (
-                moves[event],
-                entries.get(event),
-                bool(hooks.guards[event]),
-                bool(hooks.observers[event]),
-            )
-            for event in ALL_EVENTS
-        }
+        self._plans: dict[Event, _Plan] = {}
+        for event in ALL_EVENTS:
+            entry = entries.get(event)
+            guarded, observed = bool(hooks.guards[event]), bool(hooks.observers[event])
+            bare = entry is None and not guarded and not observed
+            self._plans[event] = (moves[event], entry, guarded, observed, bare)
 
     def propose(self, event: Event) -> Event | None:
         """Propose ``event`` (see :meth:`Engine.propose`)."""
-        moves, entry, guarded, observed = self._plans[event]
+        moves, entry, guarded, observed, bare = self._plans[event]
         model = self.model
         state = model.state
         dest = moves.get(state)
         if dest is None:
             raise self._illegal(state, event)
+        if bare:  # no entry work and no hooks: the move is all there is
+            self.source = state
+            model.state = dest
+            return event
         if entry is not None:
             self._enter(event, entry)
         decision = self._decide(event, state) if guarded else None

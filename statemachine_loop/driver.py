@@ -68,6 +68,7 @@ class Driver:
 
     _engine: Engine
     _step: Step
+    _plain_step: bool
     _loss_fn: LossFn
     _metrics: list[Metric]
     _fit_training: Iterable[Any]
@@ -215,13 +216,19 @@ class Driver:
         step, inputs, target = self._step, self.last_step_input, self.last_step_target
         assert self.model is not None
         if self.autocast is None:
-            output = self.last_step_output = step.forward(self.model, inputs)
-            loss = step.loss(self._loss_fn, output, target)
+            if self._plain_step:  # the default Step: skip two method calls per batch
+                output = self.last_step_output = self.model(inputs)
+                loss = self._loss_fn(output, target)
+            else:
+                output = self.last_step_output = step.forward(self.model, inputs)
+                loss = step.loss(self._loss_fn, output, target)
         else:
             with self.autocast():
                 output = self.last_step_output = step.forward(self.model, inputs)
                 loss = step.loss(self._loss_fn, output, target)
-        loss = self.last_step_loss = checked_loss(loss)
+        if type(loss) is not torch.Tensor or loss.ndim:
+            loss = checked_loss(loss)  # raises the ConfigError that says what is wrong
+        self.last_step_loss = loss
         scaler = self.grad_scaler
         torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
         if self._engine.propose(Event.UPDATE_START) is Event.UPDATE_START:

@@ -109,6 +109,8 @@ class TrainingLoop(Driver):
         self._fit_training, self._fit_validation = training, validation  # sharded per fit
         self._loss_fn = loss_fn
         self._step = step if step is not None else Step()
+        step_class = type(self._step)
+        self._plain_step = step_class.forward is Step.forward and step_class.loss is Step.loss
         self._metrics = resolve_metrics(metrics)
         self._engine = ENGINES[engine](self)
         #: The ``transitions`` machine of this loop: the authority on legality.
