@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit docs bench clean
+.PHONY: demo test lint typecheck unit docs bench bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,5 +37,22 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/observability.py
 	$(BIN)/python benchmarks/resume_cost.py
 
+# The peers get their own venv so .venv stays lean; -c constraints.txt keeps the CPU
+# torch. PyPI's torchvision for this torch is a CUDA build that cannot load against it,
+# and Lightning's torchmetrics imports torchvision whenever it is installed, so it is
+# removed (fastai's Learner does not need it).
+PEERS_VENV := .venv-peers
+PEERS_BIN := $(PEERS_VENV)/bin
+PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
+
+$(PEERS_STAMP): pyproject.toml constraints.txt
+	test -x $(PEERS_BIN)/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[peers]'
+	$(PEERS_BIN)/python -m pip uninstall --quiet --yes torchvision
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_BIN)/python benchmarks/peers.py --json run/peers.json
+
 clean:
-	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) run .pytest_cache .mypy_cache .ruff_cache .hypothesis
