@@ -7,29 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from statemachine_loop import Callback, ConfigError, Stop, TrainingLoop, Veto
 from statemachine_loop.callbacks.csv_logger import CSVLogger
-
-
-class Net(torch.nn.Module):
-    """A small MLP that raises from its forward pass at call number ``fail_at`` (1-based)."""
-
-    def __init__(self, fail_at: int | None = None) -> None:
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
-        )
-        self.calls = 0
-        self.fail_at = fail_at
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError(f"forward failed at call {self.calls}")
-        out: torch.Tensor = self.body(x)
-        return out
+from tests.logging_helpers import make_loop
 
 
 class LossRecorder(Callback):
@@ -44,26 +25,6 @@ class LossRecorder(Callback):
         phase = "training" if loop.is_training else "validation"
         assert loop.last_step_loss is not None
         self.losses.append((phase, loop.epoch_index, loop.batch_index, loop.last_step_loss.item()))
-
-
-def make_loop(
-    callbacks: list[Any], *, train: int = 6, valid: int = 3, fail_at: int | None = None
-) -> tuple[TrainingLoop, Net]:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn((train + valid) * 4, 4, generator=generator)
-    y = (x.sum(1, keepdim=True) > 0).float()
-    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, len(x), 4)]
-    torch.manual_seed(0)
-    model = Net(fail_at)
-    loop = TrainingLoop(
-        training=batches[:train],
-        validation=batches[train:] or None,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        loss_fn=torch.nn.functional.binary_cross_entropy_with_logits,
-        metrics=["accuracy"],
-        callbacks=callbacks,
-    )
-    return loop, model
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
