@@ -169,7 +169,14 @@ def test_early_stopping_state_dict_round_trips() -> None:
     early = EarlyStopping(patience=5)
     make_loop(net, batches(8, 4), validation=batches(8, 4, seed=1), callbacks=[early]).fit(net, 3)
     state = early.state_dict()
-    assert set(state) == {"best", "best_epoch", "wait", "best_weights"}
+    assert set(state) == {
+        "best",
+        "best_epoch",
+        "wait",
+        "best_weights",
+        "complete_epoch",
+        "validation_proposed",
+    }
     fresh = EarlyStopping(patience=5)
     fresh.load_state_dict(state)
     restored = fresh.state_dict()

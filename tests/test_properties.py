@@ -165,6 +165,8 @@ def check_decisions(out: Outcome, shape: RunShape) -> None:
             assert record.ignored_because is None, record
         elif record.ignored_because == "refused":  # the loop raised for this proposal
             assert isinstance(out.error, LoopError), record
+        elif record.ignored_because == "failure":  # a later guard of the proposal raised
+            assert out.error is not None and not record.from_observer, record
         else:
             assert record.ignored_because in ("outranked", "wind-down"), record
         if record.from_observer:
