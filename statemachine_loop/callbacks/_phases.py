@@ -1,4 +1,5 @@
-"""What the observability callbacks share: which phase a state belongs to, and phase results.
+"""What the callbacks share about phases: their names, ``"<phase>/<metric>"`` monitors,
+which phase a state belongs to, and phase results.
 
 Every logger needs the same two facts at a phase end: which phase closed, and its
 final metric values. The values are read from the entry the loop appended to
@@ -12,13 +13,38 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
+from statemachine_loop.errors import ConfigError
+
 if TYPE_CHECKING:
     from statemachine_loop.loop import TrainingLoop
 
-__all__ = ["PHASE_OF_STATE", "Phase", "PhaseResults", "format_value", "metric_names"]
+__all__ = [
+    "PHASES",
+    "PHASE_OF_STATE",
+    "Phase",
+    "PhaseResults",
+    "format_value",
+    "metric_names",
+    "parse_monitor",
+]
 
 #: The two phases of an epoch, spelled as in ``History`` and the logs.
 Phase: TypeAlias = Literal["training", "validation"]
+
+#: Both phases, in the order an epoch runs them.
+PHASES: Final[tuple[Phase, ...]] = ("training", "validation")
+
+
+def parse_monitor(owner: str, monitor: object) -> tuple[Phase, str]:
+    """Split a ``"<phase>/<metric>"`` monitor; a ``ConfigError`` naming ``owner`` otherwise."""
+    phase, _, metric = monitor.partition("/") if isinstance(monitor, str) else ("", "", "")
+    if phase not in PHASES or not metric or "/" in metric:
+        raise ConfigError(
+            f"{owner} monitor must be 'training/<metric>' or 'validation/<metric>' "
+            f"(e.g. 'validation/loss'); got {monitor!r}."
+        )
+    return phase, metric
+
 
 #: The phase a machine state lies in; states outside any phase are absent.
 PHASE_OF_STATE: Final[dict[str, Phase]] = {

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from statemachine_loop.callback import Callback
+from statemachine_loop.callbacks._phases import parse_monitor
 from statemachine_loop.checkpoint_io import (
     CheckpointInfo,
     delete_checkpoint,
@@ -72,12 +73,7 @@ class Checkpoint(Callback):
         _positive("keep_best", keep_best, optional=False)
         if mode not in ("min", "max"):
             raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}.")
-        if monitor is not None and (
-            monitor.count("/") != 1 or monitor.split("/")[0] not in ("training", "validation")
-        ):
-            raise ConfigError(
-                f"monitor must look like 'validation/loss' or 'training/accuracy'; got {monitor!r}."
-            )
+        self._monitored_metric = None if monitor is None else parse_monitor("Checkpoint", monitor)
         self.directory = Path(directory)
         self.every_n_epochs = every_n_epochs
         self.every_n_batches = every_n_batches
@@ -191,9 +187,9 @@ class Checkpoint(Callback):
         return info
 
     def _monitored(self, loop: TrainingLoop) -> float | None:
-        if self.monitor is None or loop.state != "fit":
+        if self._monitored_metric is None or loop.state != "fit":
             return None
-        phase, name = self.monitor.split("/")
+        phase, name = self._monitored_metric
         entries = loop.history.training if phase == "training" else loop.history.validation
         if not entries or entries[-1]["epoch"] != loop.epoch_index:
             return None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from statemachine_loop.callback import Callback
+from statemachine_loop.callbacks._phases import PHASES, parse_monitor
 from statemachine_loop.decisions import Stop
 from statemachine_loop.errors import ConfigError
 from statemachine_loop.loop_state import unwrap
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
     from statemachine_loop.loop import TrainingLoop
 
 __all__ = ["EarlyStopping"]
-
-_PHASES = ("training", "validation")
 
 
 class EarlyStopping(Callback):
@@ -57,12 +56,7 @@ class EarlyStopping(Callback):
         min_delta: float = 0.0,
         restore_best: bool = True,
     ) -> None:
-        phase, _, metric = monitor.partition("/") if isinstance(monitor, str) else ("", "", "")
-        if phase not in _PHASES or not metric:
-            raise ConfigError(
-                "EarlyStopping monitor must be 'training/<metric>' or 'validation/<metric>' "
-                f"(e.g. 'validation/loss'); got {monitor!r}."
-            )
+        phase, metric = parse_monitor("EarlyStopping", monitor)
         if mode not in ("min", "max"):
             raise ConfigError(f"EarlyStopping mode must be 'min' or 'max'; got {mode!r}.")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
@@ -96,7 +90,7 @@ class EarlyStopping(Callback):
         """Refuse, before anything runs, a metric the loop does not track."""
         names = list(loop.metrics)
         if self._metric not in names:
-            existing = ", ".join(f"'{phase}/{name}'" for phase in _PHASES for name in names)
+            existing = ", ".join(f"'{phase}/{name}'" for phase in PHASES for name in names)
             raise ConfigError(
                 f"EarlyStopping monitors {self.monitor!r}, but the loop tracks no metric "
                 f"named {self._metric!r}; the monitors that exist are {existing}."
