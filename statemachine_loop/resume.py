@@ -134,10 +134,12 @@ def restore_phase_start_rng(data: object, state: dict[str, Any]) -> None:
 
 
 class _SkipThenRestore(Sampler[Any]):
-    """Yields the wrapped sampler's items after the first ``skip``; then restores the RNG.
+    """Yields the wrapped iterable's items after the first ``skip``; then restores the RNG.
 
-    ``__iter__`` is a generator, so nothing is drawn until the data loader asks for the
-    first index — the moment the interrupted run drew its shuffle too.
+    It wraps a sampler (skipping index batches, nothing loaded) or, for data that has
+    no sampler, the data itself (skipped batches are loaded and discarded).
+    ``__iter__`` is a generator, so nothing is drawn until the first item is asked
+    for — the moment the interrupted run drew its shuffle too.
     """
 
     def __init__(self, inner: Iterable[Any], skip: int, after_skip: Callable[[], None]) -> None:
@@ -183,19 +185,7 @@ def resumed_data(data: Iterable[Any], skip: int, after_skip: Callable[[], None])
         InexactResumeWarning,
         stacklevel=3,
     )
-    return _Discarding(data, skip, after_skip)
-
-
-class _Discarding:
-    def __init__(self, data: Iterable[Any], skip: int, after_skip: Callable[[], None]) -> None:
-        self._data, self._skip, self._after_skip = data, skip, after_skip
-
-    def __iter__(self) -> Iterator[Any]:
-        items = iter(self._data)
-        for _ in itertools.islice(items, self._skip):
-            pass
-        self._after_skip()
-        yield from items
+    return _SkipThenRestore(data, skip, after_skip)
 
 
 def loader_options(loader: DataLoader[Any]) -> dict[str, Any]:
