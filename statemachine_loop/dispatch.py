@@ -17,7 +17,7 @@ traces and decisions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from transitions import MachineError
@@ -124,6 +124,16 @@ class Engine:
 
     def _compile(self, hooks: HookMap, entries: Mapping[Event, Callable[[], None]]) -> None:
         """Precompute what the engine needs per event; nothing for the reference engine."""
+
+    def bare_moves(self, events: Sequence[Event], state: str) -> tuple[str, ...] | None:
+        """The states ``events``, proposed in turn from ``state``, would lead through.
+
+        Only when proposing each of them would do nothing but move the machine — no
+        entry work, no guard, no observer — so the driver may move it itself;
+        otherwise ``None``. The reference engine always answers ``None``: it fires
+        every event through ``Machine.trigger``.
+        """
+        return None
 
     def propose(self, event: Event) -> Event | None:
         """Propose ``event``: return the event taken, or ``None`` if it was vetoed.
@@ -383,6 +393,17 @@ class CompiledEngine(Engine):
             guarded, observed = bool(hooks.guards[event]), bool(hooks.observers[event])
             bare = entry is None and not guarded and not observed
             self._plans[event] = (moves[event], entry, guarded, observed, bare)
+
+    def bare_moves(self, events: Sequence[Event], state: str) -> tuple[str, ...] | None:
+        """The states ``events`` lead through from ``state`` (see :meth:`Engine.bare_moves`)."""
+        states: list[str] = []
+        for event in events:
+            moves, _, _, _, bare = self._plans[event]
+            if not bare or state not in moves:
+                return None
+            state = moves[state]
+            states.append(state)
+        return tuple(states)
 
     def propose(self, event: Event) -> Event | None:
         """Propose ``event`` (see :meth:`Engine.propose`)."""

@@ -19,6 +19,13 @@ a redirect answers with its target). The driver only iterates and does the work:
     step:   training:   forward, loss, backward; propose update_start -> optimizer.step()
             validation: forward; propose inference_prediction_end -> loss, metrics
 
+A training phase whose ``batch_start`` and ``update_start`` no callback hooks, with
+the default ``Step`` and no autocast, runs the same steps inline
+(``_run_plain_training``): those proposals could only move the machine, so the
+driver moves it to the states the engine read off the machine, and proposes
+``batch_end`` only when something hooks it. ``tests/test_plain_path.py`` holds it
+equal to the reference engine, which always proposes every event.
+
 A ``Stop`` raises a private signal out of the driver; ``TrainingLoop.fit`` then
 winds down along the machine's shortest path of end events. Any other exception does
 the same with ``loop.failure`` set, and is re-raised unchanged.
@@ -58,6 +65,11 @@ __all__ = ["MID_BATCH", "Driver"]
 #: ``_next_batch`` between a batch's fetch and its ``batch_end``: not a resumable point.
 MID_BATCH = -1
 
+# Module constants for the per-batch events: a global lookup is several times cheaper
+# than an attribute of the ``Event`` enum class.
+BATCH_START, UPDATE_START, BATCH_END = Event.BATCH_START, Event.UPDATE_START, Event.BATCH_END
+INFERENCE_PREDICTION_END, TRAINING_END = Event.INFERENCE_PREDICTION_END, Event.TRAINING_END
+
 
 class Driver:
     """Iterates the lifecycle and does the work between events; see the module docstring.
@@ -69,6 +81,7 @@ class Driver:
     _engine: Engine
     _step: Step
     _plain_step: bool
+    _plain_batch: bool
     _loss_fn: LossFn
     _metrics: list[Metric]
     _fit_training: Iterable[Any]
@@ -173,30 +186,104 @@ class Driver:
         step: Callable[[], None],
         resume: ResumePoint | None,
     ) -> None:
-        propose = self._engine.propose
-        split = self._step.split
         first = 0
         if resume is None:
             self._phase_rng = phase_start_rng(data)
         else:
             data, first = self._reenter_phase(data, resume), resume.next_batch
+        if step == self._training_step and self._plain_batch and self.autocast is None:
+            moves = self._engine.bare_moves((BATCH_START, UPDATE_START), self._engine.model.state)
+            if moves is not None and self.grad_scaler is None:
+                self._run_plain_training(data, first, moves)
+                return
+        propose = self._engine.propose
+        split = self._step.split
         for batch_index, batch in enumerate(data, first):
             # A batch was fetched, drawing from the data's random generators: no exact
             # checkpoint until this batch ends (see loop_state.capture).
             self._next_batch = MID_BATCH
             self.batch_index = batch_index
+            # Held through this batch's step: the last graph's nodes (backward already
+            # freed their saved tensors) keep the parameters' gradient accumulators
+            # alive, so autograd reuses them instead of building new ones every batch.
+            previous_loss = self.last_step_loss
             self.last_step_output = self.last_step_loss = None  # never stale across batches
             self.last_step_input, self.last_step_target = split(self._move(batch))
-            taken = propose(Event.BATCH_START)
-            if taken is Event.BATCH_START:
+            taken = propose(BATCH_START)
+            if taken is BATCH_START:
                 self._phase_ran = True
                 step()
+                del previous_loss
                 self._next_batch = batch_index + 1
-                propose(Event.BATCH_END)
+                propose(BATCH_END)
             elif taken is end:
                 return
         self._next_batch = MID_BATCH  # exhausting the iterator may have drawn too
         propose(end)
+
+    def _run_plain_training(
+        self, data: Iterable[Any], first: int, moves: tuple[str, ...]
+    ) -> None:
+        """A training phase whose batches no guard or observer can interrupt before ``batch_end``.
+
+        The same work as the general loop with the default :class:`Step` and
+        ``_training_step``, for the common case where no callback hooks
+        ``batch_start`` or ``update_start``: their proposals could only move the
+        machine, so the loop moves it itself (to the states the engine read off the
+        machine for them) and calls model, loss and optimizer inline. ``batch_end``
+        is still proposed whenever anything hooks it. An exception leaves the
+        machine where it happened, so the wind-down is the same as the general loop's.
+        """
+        assert self.model is not None
+        engine, machine = self._engine, self._engine.model
+        propose = engine.propose
+        phase_state = machine.state
+        batch_state, update_state = moves
+        end_moves = engine.bare_moves((BATCH_END,), update_state)
+        model, loss_fn, optimizer = self.model, self._loss_fn, self.optimizer
+        metrics = self._metrics
+        split, backward = self._step.split, torch.autograd.backward
+        move = self._move
+        loss: torch.Tensor | None = None
+        for batch_index, batch in enumerate(data, first):
+            self._next_batch = MID_BATCH
+            self.batch_index = batch_index
+            # The local ``loss`` keeps the last graph until the new loss replaces it
+            # (see _run_phase), as in a hand-written loop.
+            self.last_step_output = self.last_step_loss = None
+            if move is not _unchanged:
+                batch = move(batch)
+                move = self._move
+            kind = type(batch)
+            if (kind is tuple or kind is list) and len(batch) == 2:
+                inputs, target = batch
+            else:
+                inputs, target = split(batch)
+            self.last_step_input, self.last_step_target = inputs, target
+            engine.source, machine.state = phase_state, batch_state
+            self._phase_ran = True
+            output = self.last_step_output = model(inputs)
+            loss = loss_fn(output, target)
+            if type(loss) is not torch.Tensor or loss.ndim:
+                loss = checked_loss(loss)  # raises the ConfigError that says what is wrong
+            self.last_step_loss = loss
+            backward(loss)
+            engine.source, machine.state = batch_state, update_state
+            optimizer.step()
+            optimizer.zero_grad()
+            if type(target) is torch.Tensor and target.ndim:
+                size = target.shape[0]
+            else:
+                size = self._step.batch_size(inputs, target)
+            for metric in metrics:
+                metric.update(output, target, loss, size)
+            self._next_batch = batch_index + 1
+            if end_moves is None:
+                propose(BATCH_END)
+            else:
+                engine.source, machine.state = update_state, end_moves[0]
+        self._next_batch = MID_BATCH
+        propose(TRAINING_END)
 
     def _reenter_phase(self, data: Iterable[Any], resume: ResumePoint) -> Iterable[Any]:
         """Restore the phase's state after its re-entered start; the data from the next batch."""
@@ -231,7 +318,7 @@ class Driver:
         self.last_step_loss = loss
         scaler = self.grad_scaler
         torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
-        if self._engine.propose(Event.UPDATE_START) is Event.UPDATE_START:
+        if self._engine.propose(UPDATE_START) is UPDATE_START:
             if scaler is None:
                 self.optimizer.step()
             else:
@@ -247,7 +334,7 @@ class Driver:
         assert self.model is not None
         with self.autocast() if self.autocast is not None else nullcontext():
             output = self.last_step_output = step.forward(self.model, inputs)
-            if self._engine.propose(Event.INFERENCE_PREDICTION_END) is None:
+            if self._engine.propose(INFERENCE_PREDICTION_END) is None:
                 return
             loss = step.loss(self._loss_fn, output, target)
         loss = self.last_step_loss = checked_loss(loss)

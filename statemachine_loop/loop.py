@@ -111,6 +111,9 @@ class TrainingLoop(Driver):
         self._step = step if step is not None else Step()
         step_class = type(self._step)
         self._plain_step = step_class.forward is Step.forward and step_class.loss is Step.loss
+        self._plain_batch = self._plain_step and (
+            step_class.split is Step.split and step_class.batch_size is Step.batch_size
+        )
         self._metrics = resolve_metrics(metrics)
         self._engine = ENGINES[engine](self)
         #: The ``transitions`` machine of this loop: the authority on legality.
