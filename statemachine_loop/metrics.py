@@ -75,11 +75,15 @@ def _float_dtype(device: torch.device) -> torch.dtype:
 def _flat_cat(tensors: list[Tensor], keep_last: bool) -> Tensor:
     """Join batches, flattened to ``(M,)`` or ``(M, C)``; batch sizes may differ.
 
-    Higher ranks (sequences, maybe of varying length) are flattened one by one first.
+    Batches are joined first and flattened once; only when their trailing sizes differ
+    (sequences of varying length), or they are scalars, is each flattened on its own,
+    which costs a reshape per batch. Either way the rows come out in the same order.
     """
-    if tensors[0].ndim > 1 + keep_last:
+    try:
+        joined = torch.cat(tensors)
+    except RuntimeError:
         tensors = [t.reshape(-1, t.shape[-1]) if keep_last else t.reshape(-1) for t in tensors]
-    joined = torch.cat(tensors)
+        joined = torch.cat(tensors)
     return joined.reshape(-1, joined.shape[-1]) if keep_last else joined.reshape(-1)
 
 

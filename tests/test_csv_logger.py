@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from statemachine_loop import Callback, ConfigError, Stop, TrainingLoop, Veto
 from statemachine_loop.callbacks.csv_logger import CSVLogger
@@ -47,7 +48,8 @@ def test_one_row_per_batch_with_batch_losses_and_phase_values(tmp_path: Path) ->
     ]
     assert len(rows) == 2 * (6 + 3)
     for row, (*_, loss) in zip(rows, recorder.losses, strict=True):
-        assert float(row["loss"]) == pytest.approx(loss, rel=1e-6)
+        # The float32 loss reads back bit-for-bit from its nine written digits.
+        assert torch.tensor(float(row["loss"]), dtype=torch.float32).item() == loss
     # accuracy is a phase value: empty on batch rows, the History value on the last row.
     last_rows = {(0, "training"): 5, (0, "validation"): 2, (1, "training"): 5, (1, "validation"): 2}
     for row in rows:
