@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/observability.py
 	$(BIN)/python benchmarks/resume_cost.py
+	if command -v valgrind >/dev/null; then $(BIN)/python benchmarks/instructions.py; fi
 
 # The peers get their own venv so .venv stays lean; -c constraints.txt keeps the CPU
 # torch. PyPI's torchvision for this torch is a CUDA build that cannot load against it,

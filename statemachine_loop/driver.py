@@ -221,9 +221,7 @@ class Driver:
         self._next_batch = MID_BATCH  # exhausting the iterator may have drawn too
         propose(end)
 
-    def _run_plain_training(
-        self, data: Iterable[Any], first: int, moves: tuple[str, ...]
-    ) -> None:
+    def _run_plain_training(self, data: Iterable[Any], first: int, moves: tuple[str, ...]) -> None:
         """A training phase whose batches no guard or observer can interrupt before ``batch_end``.
 
         The same work as the general loop with the default :class:`Step` and

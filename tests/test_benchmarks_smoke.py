@@ -67,3 +67,19 @@ def test_overhead_quick_writes_json(tmp_path: Path) -> None:
         raw = result["contenders"]["raw"]
         assert raw["ratio_of_best"] == 1.0
         assert raw["overhead_us_per_step"] == 0.0
+
+
+def test_instructions_child_runs_its_fits_between_the_parent_signals() -> None:
+    """``instructions.py``'s counted part, without valgrind: ready, the fits, done."""
+    script = BENCHMARK.parent / "instructions.py"
+    for contender in ("raw", "compiled"):
+        completed = subprocess.run(
+            [sys.executable, str(script), "--child", contender, "--fits", "1"],
+            input="\n\n",
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert completed.returncode == 0, completed.stderr
+        assert completed.stdout.split() == ["ready", "done"]
