@@ -191,9 +191,10 @@ class Driver:
             self._phase_rng = phase_start_rng(data)
         else:
             data, first = self._reenter_phase(data, resume), resume.next_batch
-        if step == self._training_step and self._plain_batch and self.autocast is None:
+        plain = self._plain_batch and self.autocast is None and self.grad_scaler is None
+        if plain and end is TRAINING_END:
             moves = self._engine.bare_moves((BATCH_START, UPDATE_START), self._engine.model.state)
-            if moves is not None and self.grad_scaler is None:
+            if moves is not None:
                 self._run_plain_training(data, first, moves)
                 return
         propose = self._engine.propose
