@@ -261,15 +261,57 @@ class Engine:
         In a single process a ``Stop`` is recorded, and ``stop_reason`` set, at once, so
         the observers after it (``Checkpoint`` runs last) know the loop is stopping;
         under ``torch.distributed`` that waits until the ranks agreed, after the last.
+
+        The common case — outside the wind-down, every observer returning ``None`` —
+        runs on a bare loop (this is on the per-batch path of every logger); the first
+        observer that returns something or raises hands over, with its outcome, to
+        :meth:`_observe_from`, which carries the full policy. Under
+        ``torch.distributed`` an event that an observer may stop always takes the full
+        path, because every rank must join the agreement.
         """
+        observers = self._observers[event]
+        if self.winding_down or (self.collective is not None and self._stoppers[event]):
+            return self._observe_from(event, 0)
+        loop = self._loop
+        for index, (_, observer) in enumerate(observers):
+            try:
+                result = observer(loop)
+            except BaseException as exc:
+                return self._observe_from(event, index, error=exc)
+            if result is not None:
+                return self._observe_from(event, index, result=result)
+        return None
+
+    def _observe_from(
+        self,
+        event: Event,
+        start: int,
+        *,
+        result: object = None,
+        error: BaseException | None = None,
+    ) -> Stop | None:
+        """:meth:`_observe` from observer ``start`` on, whose outcome may be known.
+
+        When ``result`` (not ``None``) or ``error`` is given, observer ``start``
+        already returned or raised it and the observers before it returned ``None``;
+        otherwise no observer has been called yet and ``start`` is 0.
+        """
+        known = error is not None or result is not None
         loop = self._loop
         stoppers = self._stoppers[event]
         at_once = self.collective is None and not self.winding_down
         stops: list[tuple[str, Decision]] = []
         raised: list[tuple[BaseException, str]] = []
-        for name, observer in self._observers[event]:
+        for index, (name, observer) in enumerate(self._observers[event]):
+            if index < start:
+                continue
             try:
-                result = observer(loop)
+                if index == start and known:
+                    known = False
+                    if error is not None:
+                        raise error
+                else:
+                    result = observer(loop)
                 if result is None:
                     continue
                 if not isinstance(result, Stop) or name not in stoppers:

@@ -16,6 +16,8 @@ from statemachine_loop import (
     IllegalRedirectError,
     LifecycleError,
     Redirect,
+    Stop,
+    TrainingLoop,
     Veto,
 )
 from statemachine_loop.testing import TraceRecorder
@@ -103,3 +105,52 @@ def test_conflicting_redirects_are_both_recorded_as_refused(engine: str) -> None
         ("A", Event.VALIDATION_START, False, "refused"),
         ("B", Event.EPOCH_END, False, "refused"),
     ]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_observer_after_others_returns_stop_then_later_observers_see_the_reason(
+    engine: str,
+) -> None:
+    reasons: list[str | None] = []
+
+    def later(loop: TrainingLoop, event: Event) -> None:
+        if event is Event.BATCH_END and loop.batch_index == 1 and loop.is_training:
+            reasons.append(loop.stop_reason)
+
+    model = make_model()
+    loop = make_loop(
+        engine,
+        model,
+        train=4,
+        callbacks=[
+            TraceRecorder(),
+            Inject(Event.BATCH_END, Stop("enough"), hook="on", at=1, name="Stopper"),
+            later,
+        ],
+    )
+    loop.fit(model, 1)
+    assert reasons == ["enough"]
+    assert loop.stop_reason == "enough"
+    assert [record_tuple(r) for r in loop.decisions] == [
+        (Event.BATCH_END, "Stopper", "stop", "enough", None, True, None)
+    ]
+    assert loop.history.training[-1]["epoch"] == 0
+    assert loop.batch_index == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_observer_after_others_returns_a_veto_and_every_observer_still_sees_the_event(
+    engine: str,
+) -> None:
+    first, last = TraceRecorder(), TraceRecorder()
+    model = make_model()
+    loop = make_loop(
+        engine,
+        model,
+        train=3,
+        callbacks=[first, Inject(Event.BATCH_END, Veto("no"), hook="on", at=2), last],
+    )
+    with pytest.raises(LifecycleError, match="returned Veto"):
+        loop.fit(model, 1)
+    assert first.events.count(Event.BATCH_END) == last.events.count(Event.BATCH_END) == 3
+    assert_valid_trace(last.entries)
