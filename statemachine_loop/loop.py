@@ -31,7 +31,7 @@ from statemachine_loop.events import ALL_EVENTS, Event
 from statemachine_loop.history import History
 from statemachine_loop.loop_state import ResumePoint, capture, resolve_resume
 from statemachine_loop.machine import FINAL_STATE, INITIAL_STATE
-from statemachine_loop.metrics import Metric, resolve_metrics
+from statemachine_loop.metrics import Metric, _Loss, resolve_metrics
 from statemachine_loop.preflight import (
     check_data,
     check_fit_arguments,
@@ -227,6 +227,20 @@ class TrainingLoop(Driver):
         if self._final_metrics is not None:
             return dict(self._final_metrics)
         return {metric.name: metric.compute() for metric in self._metrics}
+
+    def batch_losses(self) -> torch.Tensor | None:
+        """The current phase's per-batch losses so far, in batch order, detached.
+
+        One 1-D tensor on the device, kept by the built-in ``loss`` metric: one entry
+        per batch it scored (a batch whose prediction was vetoed has none, nor has the
+        batch a stop cut short between its loss and its metrics). Loggers read it in
+        chunks instead of detaching every ``last_step_loss`` again, which on a small
+        model is a measurable share of a step. Reading the values synchronises with
+        the device, so do it in chunks, not per batch. ``None`` when ``loss`` is a
+        user's own metric object, which keeps no such record.
+        """
+        loss_metric = self._metrics[0]
+        return loss_metric.batch_losses() if isinstance(loss_metric, _Loss) else None
 
     def fit(
         self,

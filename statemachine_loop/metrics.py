@@ -146,7 +146,40 @@ class _BufferedMetric(abc.ABC, Generic[_Item]):
 
 
 class _Loss(_BufferedMetric[tuple[Tensor, int]]):
-    """Sample-weighted mean of the per-batch mean loss."""
+    """Sample-weighted mean of the per-batch mean loss; also keeps each batch's loss.
+
+    The per-batch losses it detaches anyway are kept for the phase (the stacked
+    chunks, four bytes a batch), so loggers can write them without detaching every
+    loss a second time (:meth:`batch_losses`, ``TrainingLoop.batch_losses``).
+    """
+
+    def __init__(self, name: str, chunk: int) -> None:
+        super().__init__(name, chunk)
+        self._folded: list[Tensor] = []
+
+    def reset(self) -> None:
+        """Drop the buffer, the accumulators and the phase's per-batch losses."""
+        super().reset()
+        self._folded = []
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume accumulating; the per-batch losses start again from the next batch."""
+        super().load_state_dict(state)
+        self._folded = []
+
+    def batch_losses(self) -> Tensor:
+        """The detached loss of every batch recorded since the last reset, in order.
+
+        One 1-D tensor on the losses' device (empty before the first batch). Batches
+        still buffered are stacked for the answer but not folded, so reading this
+        never changes how the running total is summed.
+        """
+        parts = list(self._folded)
+        if self._buffer:
+            parts.append(torch.stack([value for value, _ in self._buffer]).reshape(-1))
+        if not parts:
+            return torch.empty(0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def update(self, output: Tensor, target: Tensor, loss: Tensor, batch_size: int) -> None:
         """Buffer the detached loss and the batch size."""
@@ -158,6 +191,7 @@ class _Loss(_BufferedMetric[tuple[Tensor, int]]):
         sizes = [size for _, size in items]
         self._samples += sum(sizes)
         losses = torch.stack([value for value, _ in items]).reshape(-1)
+        self._folded.append(losses)
         dtype = _float_dtype(losses.device)
         # Non-blocking from host memory: the copy is queued, the host does not wait.
         weights = torch.tensor(sizes, dtype=dtype).to(losses.device, non_blocking=True)

@@ -29,7 +29,12 @@ class Net(torch.nn.Module):
 
 
 def make_loop(
-    callbacks: list[Any], *, train: int = 6, valid: int = 3, fail_at: int | None = None
+    callbacks: list[Any],
+    *,
+    train: int = 6,
+    valid: int = 3,
+    fail_at: int | None = None,
+    metrics: list[Any] | None = None,
 ) -> tuple[TrainingLoop, Net]:
     """A loop over ``train`` and ``valid`` fixed batches of 4 (no validation when 0)."""
     generator = torch.Generator().manual_seed(0)
@@ -43,7 +48,7 @@ def make_loop(
         validation=batches[train:] or None,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         loss_fn=torch.nn.functional.binary_cross_entropy_with_logits,
-        metrics=["accuracy"],
+        metrics=["accuracy"] if metrics is None else metrics,
         callbacks=callbacks,
     )
     return loop, model

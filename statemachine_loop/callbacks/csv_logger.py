@@ -21,11 +21,15 @@ The file is a plain table that ``csv`` and pandas read as is::
   phase values are exact and cost nothing extra. ``df.dropna(subset=["accuracy"])``
   gives one row per phase.
 
-Losses stay on the device as detached tensors until a chunk is written: at each
-phase end, every ``flush_every`` seconds, and at ``fit_end`` (which also runs after
-an exception). A chunk costs one ``torch.stack(...).tolist()`` and one write of
-whole lines, then a flush, so after a crash the file holds every completed row and
-no partial line. The batch an exception interrupted gets no row.
+Losses stay on the device until a chunk is written: at each phase end, every
+``flush_every`` seconds, and at ``fit_end`` (which also runs after an exception).
+They are the ones the built-in loss metric already keeps
+(``TrainingLoop.batch_losses``), so a batch costs no second ``detach``; the logger
+detaches a loss itself only when the metric has none for it (a user's own ``loss``
+metric, or a stop between the loss and the metrics). A chunk costs one
+``tolist()`` and one write of whole lines, then a flush, so after a crash the file
+holds every completed row and no partial line. The batch an exception interrupted
+gets no row.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import TYPE_CHECKING, TextIO
 import torch
 
 from statemachine_loop.callback import Callback
+from statemachine_loop.callbacks._losses import PendingLosses
 from statemachine_loop.callbacks._phases import Phase, PhaseResults, metric_names
 from statemachine_loop.errors import ConfigError
 
@@ -85,18 +90,19 @@ class CSVLogger(Callback):
         self._results = PhaseResults()
         self._epoch = 0
         self._active = True
-        self._batches: list[int] = []
-        self._losses: list[torch.Tensor | None] = []
-        self._last_loss: object = None
+        self._batches: list[int] = []  # the pending rows' batch indices
+        self._blank: set[int] = set()  # positions of pending rows without a loss
+        self._losses = PendingLosses()
         self._next_flush = 0.0
 
     def on_fit_start(self, loop: TrainingLoop) -> None:
         """Open the file and write the header (on the main process only)."""
         self._close_file()
-        self._batches, self._losses = [], []
+        self._batches, self._blank = [], set()
         self._active = loop.is_main_process
         if not self._active:
             return
+        self._losses.bind(loop)
         self._columns = metric_names(loop)
         header: list[object] = ["epoch", "batch", "phase", *self._columns]
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +125,6 @@ class CSVLogger(Callback):
             text = io.StringIO()
             csv.writer(text, lineterminator="\n").writerow(header)
             self._write(text.getvalue())
-        self._last_loss = loop.last_step_loss
 
     def on_training_start(self, loop: TrainingLoop) -> None:
         """Rows from here on belong to the training phase."""
@@ -134,28 +139,27 @@ class CSVLogger(Callback):
         if loop.failure is not None or not self._active:
             return  # the batch an exception interrupted is not a completed row
         if monotonic() >= self._next_flush and self._batches:
-            self._flush()  # pending rows only: the current row may still be the phase's last
-        loss = loop.last_step_loss
-        self._batches.append(loop.batch_index)
-        if loss is self._last_loss or loss is None:
-            self._losses.append(None)  # no new loss this batch
+            self._flush(loop)  # pending rows only: the current row may still be the phase's last
+        loss = loop.last_step_loss  # reset to None when each batch is fetched
+        if loss is None:
+            self._blank.add(len(self._batches))
         else:
-            self._losses.append(loss.detach())
-            self._last_loss = loss
+            self._losses.add(loop, loss)
+        self._batches.append(loop.batch_index)
 
     def on_training_end(self, loop: TrainingLoop) -> None:
         """Write the phase's rows, its final metric values on the last one."""
-        self._flush(self._results.closed(loop, "training"))
+        self._flush(loop, self._results.closed(loop, "training"))
 
     def on_validation_end(self, loop: TrainingLoop) -> None:
         """Write the phase's rows, its final metric values on the last one."""
-        self._flush(self._results.closed(loop, "validation"))
+        self._flush(loop, self._results.closed(loop, "validation"))
 
     def on_fit_end(self, loop: TrainingLoop) -> None:
         """Write anything still pending and close the file (also after a failure)."""
         try:
             if self._batches:
-                self._flush()
+                self._flush(loop)
         finally:
             self._close_file()
 
@@ -164,28 +168,33 @@ class CSVLogger(Callback):
     def _open(self, loop: TrainingLoop, phase: Phase) -> None:
         self._phase, self._epoch = phase, loop.epoch_index
         self._results.opened(loop, phase)
+        self._losses.phase_opened()
         self._next_flush = monotonic() + self._flush_every
 
-    def _flush(self, finals: dict[str, float] | None = None) -> None:
-        batches, losses = self._batches, self._losses
-        self._batches, self._losses = [], []
+    def _flush(self, loop: TrainingLoop, finals: dict[str, float] | None = None) -> None:
+        batches, blank = self._batches, self._blank
+        self._batches, self._blank = [], set()
         self._next_flush = monotonic() + self._flush_every
         if not batches:
             return
-        present = [loss for loss in losses if loss is not None]
-        stacked = torch.stack(present) if present else None
-        values = iter([] if stacked is None else stacked.tolist())
+        values, dtype = self._losses.take(loop)
         # Nine significant digits give back every float32 (and float16) exactly and
         # cost half what the shortest repr of the widened double costs.
-        template = "%r" if stacked is not None and stacked.dtype == torch.float64 else "%.9g"
+        number = "%r" if dtype == torch.float64 else "%.9g"
         # Rows hold only numbers and a phase name, so no quoting is ever needed.
         head, tail = f"{self._epoch},", f",{self._phase},"
-        blank = "," * (len(self._columns) - 1)
-        cells = ["" if loss is None else template % next(values) for loss in losses]
-        lines = [
-            f"{head}{batch}{tail}{cell}{blank}\n"
-            for batch, cell in zip(batches, cells, strict=True)
-        ]
+        blanks = "," * (len(self._columns) - 1)
+        if not blank and len(values) == len(batches):  # every row has its loss
+            row = f"{head}%d{tail}{number}{blanks}\n"
+            lines = [row % pair for pair in zip(batches, values, strict=True)]
+            cells = [number % values[-1]]
+        else:
+            found = iter([number % value for value in values])
+            cells = ["" if index in blank else next(found, "") for index in range(len(batches))]
+            lines = [
+                f"{head}{batch}{tail}{cell}{blanks}\n"
+                for batch, cell in zip(batches, cells, strict=True)
+            ]
         if finals:
             last = "".join(f",{_number(finals.get(name))}" for name in self._columns[1:])
             lines[-1] = f"{head}{batches[-1]}{tail}{cells[-1]}{last}\n"

@@ -17,11 +17,11 @@ Scalars (the same tags in both sub-runs, so training and validation share a char
   run, the same after a resume; for data without ``len`` a count of training
   batches so far in this fit.
 
-Per-batch losses stay on the device as detached tensors and are written in chunks
-(phase end, every ``flush_every`` seconds, ``fit_end``) with one
-``torch.stack(...).tolist()`` each, so logging never synchronises per batch. The
-writers are closed at ``fit_end``, which also runs during the wind-down after an
-exception.
+Per-batch losses stay on the device and are written in chunks (phase end, every
+``flush_every`` seconds, ``fit_end``) with one ``tolist()`` each, so logging never
+synchronises per batch; they are the ones the loss metric keeps anyway
+(``TrainingLoop.batch_losses``), so a batch costs no second ``detach``. The writers
+are closed at ``fit_end``, which also runs during the wind-down after an exception.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 from statemachine_loop.callback import Callback
+from statemachine_loop.callbacks._losses import PendingLosses
 from statemachine_loop.callbacks._phases import Phase, PhaseResults
 from statemachine_loop.errors import ConfigError
 
@@ -92,25 +93,25 @@ class TensorBoardLogger(Callback):
         self._step = 0
         self._active = True
         self._steps: list[int] = []
-        self._losses: list[torch.Tensor] = []
+        self._losses = PendingLosses()
         self._rates: list[float | torch.Tensor] = []
-        self._last_loss: object = None
         self._next_flush = 0.0
 
     def on_fit_start(self, loop: TrainingLoop) -> None:
         """Create this fit's run directory (on the main process only)."""
         self._close_writers()
         self._step = 0
-        self._steps, self._losses, self._rates = [], [], []
+        self._steps, self._rates = [], []
         self._active = loop.is_main_process
         if not self._active:
             return
+        self._losses.bind(loop)
         self.run_dir = unique_run_dir(self.logdir)
-        self._last_loss = loop.last_step_loss
 
     def on_training_start(self, loop: TrainingLoop) -> None:
         """Note the phase, and when the first chunk is due."""
         self._results.opened(loop, "training")
+        self._losses.phase_opened()
         self._next_flush = monotonic() + self._flush_every
 
     def on_validation_start(self, loop: TrainingLoop) -> None:
@@ -121,23 +122,22 @@ class TensorBoardLogger(Callback):
         """Buffer a training batch's detached loss and learning rate; write a chunk when due."""
         if not loop.is_training or loop.failure is not None or not self._active:
             return
-        loss = loop.last_step_loss
-        if loss is None or loss is self._last_loss:
+        loss = loop.last_step_loss  # reset to None when each batch is fetched
+        if loss is None:
             return  # no loss this batch (a stop before its forward pass)
-        self._last_loss = loss
         count = loop.batch_count
         self._steps.append(
             self._step if count is None else loop.epoch_index * count + loop.batch_index
         )
-        self._losses.append(loss.detach())
+        self._losses.add(loop, loss)
         self._rates.append(loop.optimizer.param_groups[0]["lr"])
         self._step += 1
         if monotonic() >= self._next_flush:
-            self._flush_batches()
+            self._flush_batches(loop)
 
     def on_training_end(self, loop: TrainingLoop) -> None:
         """Write the buffered batches and the phase's per-epoch scalars."""
-        self._flush_batches()
+        self._flush_batches(loop)
         self._write_epoch(loop, "training")
 
     def on_validation_end(self, loop: TrainingLoop) -> None:
@@ -147,7 +147,7 @@ class TensorBoardLogger(Callback):
     def on_fit_end(self, loop: TrainingLoop) -> None:
         """Write anything pending and close the writers (also after a failure)."""
         try:
-            self._flush_batches()
+            self._flush_batches(loop)
         finally:
             self._close_writers()
 
@@ -160,14 +160,14 @@ class TensorBoardLogger(Callback):
             writer = self._writers[phase] = SummaryWriter(logdir=str(self.run_dir / phase))
         return writer
 
-    def _flush_batches(self) -> None:
+    def _flush_batches(self, loop: TrainingLoop) -> None:
         self._next_flush = monotonic() + self._flush_every
         if not self._steps:
             return
-        steps, losses, rates = self._steps, self._losses, self._rates
-        self._steps, self._losses, self._rates = [], [], []
+        steps, rates = self._steps, self._rates
+        self._steps, self._rates = [], []
         writer = self._writer("training")
-        values = torch.stack(losses).tolist()
+        values, _ = self._losses.take(loop)
         for step, value, rate in zip(steps, values, rates, strict=True):
             writer.add_scalar("batch/loss", value, step)
             writer.add_scalar("batch/learning_rate", float(rate), step)
