@@ -104,6 +104,7 @@ class Driver:
     epoch_index: int
     batch_index: int
     batch_count: int | None
+    batches_run: int
     is_training: bool
     resuming: bool
     stop_reason: str | None
@@ -213,6 +214,7 @@ class Driver:
             taken = propose(BATCH_START)
             if taken is BATCH_START:
                 self._phase_ran = True
+                self.batches_run += 1
                 step()
                 del previous_loss
                 self._next_batch = batch_index + 1
@@ -261,6 +263,7 @@ class Driver:
             self.last_step_input, self.last_step_target = inputs, target
             engine.source, machine.state = phase_state, batch_state
             self._phase_ran = True
+            self.batches_run += 1
             output = self.last_step_output = model(inputs)
             loss = loss_fn(output, target)
             if type(loss) is not torch.Tensor or loss.ndim:
@@ -355,6 +358,7 @@ class Driver:
         for metric in self._metrics:
             metric.reset()
         self._phase_ran = False
+        self.batches_run = 0
         self._next_batch, self._phase_rng = 0, None
         self._move = self._first_move
 

@@ -131,6 +131,10 @@ class TrainingLoop(Driver):
         self.epoch_index = 0
         self.batch_index = 0
         self.batch_count: int | None = None
+        #: Batches of the current phase whose ``batch_start`` was taken so far; each
+        #: gets exactly one ``batch_end`` (a vetoed batch is not counted). A phase-end
+        #: observer reads the phase's count here instead of counting per batch itself.
+        self.batches_run = 0
         self.is_training = False
         self.resuming = False
         self.last_step_input: Any = None

@@ -170,3 +170,52 @@ def test_a_stop_is_named_on_the_phase_line() -> None:
 def test_refresh_rate_must_be_positive(rate: Any) -> None:
     with pytest.raises(ConfigError, match="refresh_per_second"):
         ProgressBar(refresh_per_second=rate)
+
+
+def test_off_a_terminal_it_hooks_no_batch_event_so_the_batches_run_bare() -> None:
+    from statemachine_loop.callback import collect_hooks
+    from statemachine_loop.driver import Driver
+    from statemachine_loop.events import Event
+
+    console, stream = plain_console()
+    assert collect_hooks([ProgressBar(console)]).observers[Event.BATCH_END] == ()
+    terminal = Console(force_terminal=True, file=io.StringIO())
+    assert len(collect_hooks([ProgressBar(terminal)]).observers[Event.BATCH_END]) == 1
+
+    # With nothing else per batch, the driver moves the machine itself for batch_end too.
+    ends: list[tuple[str, ...] | None] = []
+    original = Driver._run_plain_training
+
+    def spy(self: Driver, data: Any, first: int, moves: tuple[str, ...]) -> None:
+        ends.append(self._engine.bare_moves((Event.BATCH_END,), moves[1]))
+        original(self, data, first, moves)
+
+    loop, model = make_loop([ProgressBar(console)], valid=0)
+    Driver._run_plain_training = spy  # type: ignore[method-assign]
+    try:
+        loop.fit(model, 2)
+    finally:
+        Driver._run_plain_training = original  # type: ignore[method-assign]
+    assert ends == [("training",), ("training",)]
+    assert stream.getvalue().count(" 6 batches in ") == 2
+
+
+def test_the_line_counts_the_batches_that_ran_not_the_vetoed_ones() -> None:
+    from statemachine_loop import Veto
+
+    class SkipOdd(Callback):
+        def __init__(self) -> None:
+            self.counts: list[int] = []
+
+        def guard_batch_start(self, loop: TrainingLoop) -> Veto | None:
+            return Veto("odd") if loop.batch_index % 2 else None
+
+        def on_training_end(self, loop: TrainingLoop) -> None:
+            self.counts.append(loop.batches_run)
+
+    console, stream = plain_console()
+    skip = SkipOdd()
+    loop, model = make_loop([skip, ProgressBar(console)], train=7, valid=0)
+    loop.fit(model, 2)
+    assert skip.counts == [4, 4]  # batches 0, 2, 4, 6 of each epoch
+    assert stream.getvalue().count(" 4 batches in ") == 2

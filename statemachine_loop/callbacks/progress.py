@@ -6,14 +6,17 @@ leaves one summary line per finished phase above it. Anywhere else (CI logs, a f
 a pipe) it prints only that summary line, one per phase end, with no control
 characters.
 
-The per-batch work is one counter increment and one ``time.monotonic()`` compare.
-Only when a refresh is due (at most ``refresh_per_second`` times a second) does it
-read ``loop.metrics``, which synchronises with the device, and redraw; the display
-is refreshed by hand, with no background thread.
+On a live display the per-batch work is one ``time.monotonic()`` compare. Only when
+a refresh is due (at most ``refresh_per_second`` times a second) does it read
+``loop.metrics``, which synchronises with the device, and redraw; the display is
+refreshed by hand, with no background thread. Anywhere else it does not hook
+``batch_end`` at all (the phase's batch count is ``loop.batches_run``), so with no
+other per-batch callback the loop runs its batches with no hook call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -47,7 +50,7 @@ class ProgressBar(Callback):
     Args:
         console: the rich ``Console`` to draw on; by default a new one on standard
             output. Whether it is interactive (``console.is_interactive``, or
-            Jupyter) is decided at each ``fit_start``.
+            Jupyter) is decided when each ``fit`` starts.
         refresh_per_second: the most redraws per second; metric values are read
             only at a redraw, so this also bounds the device synchronisations.
 
@@ -72,7 +75,6 @@ class ProgressBar(Callback):
         self._task: TaskID | None = None
         self._results = PhaseResults()
         self._active = True
-        self._batches = 0
         self._phase_start = 0.0
         self._next_refresh = _NEVER
 
@@ -82,7 +84,7 @@ class ProgressBar(Callback):
         """Start the live display when the console is interactive (main process only)."""
         self._stop_display()
         self._active = loop.is_main_process
-        if self._active and (self.console.is_interactive or self.console.is_jupyter):
+        if self._active and self._live():
             self._progress = Progress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
@@ -113,9 +115,17 @@ class ProgressBar(Callback):
         """Open the validation phase's bar."""
         self._open(loop, "validation")
 
-    def on_batch_end(self, loop: TrainingLoop) -> None:
-        """Count the batch; redraw only when a refresh is due."""
-        self._batches += 1
+    @property
+    def on_batch_end(self) -> Callable[[TrainingLoop], None] | None:
+        """The per-batch hook where a live display can redraw; ``None`` elsewhere.
+
+        Read once when a ``fit`` starts (hooks are collected then), so off a terminal
+        the loop never calls this callback per batch.
+        """
+        return self._tick if self._live() else None
+
+    def _tick(self, loop: TrainingLoop) -> None:
+        """Redraw when a refresh is due."""
         now = monotonic()
         if now >= self._next_refresh:
             self._refresh(loop, now)
@@ -130,6 +140,9 @@ class ProgressBar(Callback):
 
     # -- work ------------------------------------------------------------------------
 
+    def _live(self) -> bool:
+        return bool(self.console.is_interactive or self.console.is_jupyter)
+
     def _describe(self, loop: TrainingLoop, phase: Phase) -> str:
         return f"epoch {loop.epoch_index + 1}/{loop.epoch_count} {phase}"
 
@@ -137,7 +150,6 @@ class ProgressBar(Callback):
         if not self._active:
             return
         self._results.opened(loop, phase)
-        self._batches = 0
         self._phase_start = monotonic()
         if self._progress is None:
             return
@@ -153,7 +165,7 @@ class ProgressBar(Callback):
         if self._progress is None or self._task is None:
             return
         elapsed = now - self._phase_start
-        rate = f"{self._batches / elapsed:.1f} batches/s" if elapsed > 0 else ""
+        rate = f"{loop.batches_run / elapsed:.1f} batches/s" if elapsed > 0 else ""
         metrics = " - ".join(f"{name} {format_value(v)}" for name, v in loop.metrics.items())
         self._progress.update(
             self._task, completed=loop.batch_index + 1, rate=rate, metrics=metrics
@@ -165,9 +177,10 @@ class ProgressBar(Callback):
             return
         elapsed = monotonic() - self._phase_start
         values = self._results.closed(loop, phase) or {}
+        batches = loop.batches_run
         parts = [
-            f"{self._describe(loop, phase)}: {self._batches} batches in {elapsed:.1f}s"
-            + (f" ({self._batches / elapsed:.1f} batches/s)" if elapsed > 0 else ""),
+            f"{self._describe(loop, phase)}: {batches} batches in {elapsed:.1f}s"
+            + (f" ({batches / elapsed:.1f} batches/s)" if elapsed > 0 else ""),
             *(f"{name} {format_value(value)}" for name, value in values.items()),
         ]
         line = " - ".join(parts)
