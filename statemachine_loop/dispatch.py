@@ -135,6 +135,16 @@ class Engine:
         """
         return None
 
+    def observed_move(self, event: Event, state: str) -> tuple[str, bool] | None:
+        """Where proposing ``event`` from ``state`` leads, and whether observers follow.
+
+        Only when the proposal would do nothing but move the machine and call the
+        event's observers — no entry work, no guard — so the driver may move it
+        itself and call :meth:`observe`; otherwise ``None``. The reference engine
+        always answers ``None``.
+        """
+        return None
+
     def propose(self, event: Event) -> Event | None:
         """Propose ``event``: return the event taken, or ``None`` if it was vetoed.
 
@@ -253,8 +263,11 @@ class Engine:
                     f"{[target.value for target in allowed]}."
                 )
 
-    def _observe(self, event: Event) -> Stop | None:
-        """Call every observer of ``event``; return the first applied ``Stop``.
+    def observe(self, event: Event) -> Stop | None:
+        """Call every observer of ``event``, which the machine has just taken.
+
+        Returns the first applied ``Stop``; a proposal then raises :class:`Stopping`,
+        and so does the driver when it moved the machine itself (:meth:`observed_move`).
 
         The event has happened, so every observer sees it even when one raises: the
         first exception is raised after the last observer, later ones attached as notes.
@@ -290,7 +303,7 @@ class Engine:
         result: object = None,
         error: BaseException | None = None,
     ) -> Stop | None:
-        """:meth:`_observe` from observer ``start`` on, whose outcome may be known.
+        """:meth:`observe` from observer ``start`` on, whose outcome may be known.
 
         When ``result`` (not ``None``) or ``error`` is given, observer ``start``
         already returned or raised it and the observers before it returned ``None``;
@@ -447,6 +460,13 @@ class CompiledEngine(Engine):
             states.append(state)
         return tuple(states)
 
+    def observed_move(self, event: Event, state: str) -> tuple[str, bool] | None:
+        """See :meth:`Engine.observed_move`."""
+        moves, entry, guarded, observed, _ = self._plans[event]
+        if entry is not None or guarded or state not in moves:
+            return None
+        return moves[state], observed
+
     def propose(self, event: Event) -> Event | None:
         """Propose ``event`` (see :meth:`Engine.propose`)."""
         moves, entry, guarded, observed, bare = self._plans[event]
@@ -465,7 +485,7 @@ class CompiledEngine(Engine):
         if decision is None or (event in END_EVENTS and type(decision) is Stop):
             self.source = state
             model.state = dest
-            stop = self._observe(event) if observed else None
+            stop = self.observe(event) if observed else None
             if (decision is not None or stop is not None) and not self.winding_down:
                 raise Stopping
             return event
@@ -498,7 +518,7 @@ class TransitionsEngine(Engine):
 
     def _after(self, event: Event) -> None:
         self.source = self._source
-        self._observer_stop = self._observe(event) if self._observers[event] else None
+        self._observer_stop = self.observe(event) if self._observers[event] else None
 
     def propose(self, event: Event) -> Event | None:
         """Propose ``event`` through ``Machine.trigger`` (see :meth:`Engine.propose`)."""

@@ -23,8 +23,9 @@ A training phase whose ``batch_start`` and ``update_start`` no callback hooks, w
 the default ``Step`` and no autocast, runs the same steps inline
 (``_run_plain_training``): those proposals could only move the machine, so the
 driver moves it to the states the engine read off the machine, and proposes
-``batch_end`` only when something hooks it. ``tests/test_plain_path.py`` holds it
-equal to the reference engine, which always proposes every event.
+``batch_end`` only when a guard hooks it (observers alone it calls itself).
+``tests/test_plain_path.py`` holds it equal to the reference engine, which always
+proposes every event.
 
 A ``Stop`` raises a private signal out of the driver; ``TrainingLoop.fit`` then
 winds down along the machine's shortest path of end events. Any other exception does
@@ -232,7 +233,8 @@ class Driver:
         ``batch_start`` or ``update_start``: their proposals could only move the
         machine, so the loop moves it itself (to the states the engine read off the
         machine for them) and calls model, loss and optimizer inline. ``batch_end``
-        is still proposed whenever anything hooks it. An exception leaves the
+        is proposed when a guard hooks it; with observers only, the loop moves the
+        machine and calls them through :meth:`Engine.observe`. An exception leaves the
         machine where it happened, so the wind-down is the same as the general loop's.
         """
         assert self.model is not None
@@ -240,7 +242,11 @@ class Driver:
         propose = engine.propose
         phase_state = machine.state
         batch_state, update_state = moves
-        end_moves = engine.bare_moves((BATCH_END,), update_state)
+        # batch_end is proposed only when a guard or entry work needs it; otherwise the
+        # loop moves the machine and calls its observers (if any) itself.
+        end = engine.observed_move(BATCH_END, update_state)
+        end_state, end_observed = end if end is not None else ("", False)
+        observe = engine.observe
         model, loss_fn, optimizer = self.model, self._loss_fn, self.optimizer
         metrics = self._metrics
         split, backward = self._step.split, torch.autograd.backward
@@ -280,10 +286,12 @@ class Driver:
             for metric in metrics:
                 metric.update(output, target, loss, size)
             self._next_batch = batch_index + 1
-            if end_moves is None:
+            if end is None:
                 propose(BATCH_END)
             else:
-                engine.source, machine.state = update_state, end_moves[0]
+                engine.source, machine.state = update_state, end_state
+                if end_observed and observe(BATCH_END) is not None:
+                    raise Stopping
         self._next_batch = MID_BATCH
         propose(TRAINING_END)
 

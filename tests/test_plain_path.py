@@ -97,7 +97,8 @@ def run(engine: str, **options: Any) -> Run:
     )
     model = options.pop("model", None) or h.make_model()
     epochs = options.pop("epochs", 2)
-    loop = h.make_loop(engine, model, callbacks=[recorder], progress=False, **options)
+    callbacks = [recorder, *options.pop("extra", [])]
+    loop = h.make_loop(engine, model, callbacks=callbacks, progress=False, **options)
     failure: BaseException | None = None
     try:
         loop.fit(model, epochs)
@@ -117,6 +118,9 @@ def assert_same(**options: Any) -> tuple[TrainingLoop, PhaseRecorder]:
     assert (type(c_fail), str(c_fail)) == (type(r_fail), str(r_fail))
     assert c_loop.state == r_loop.state == "done"
     assert c_loop.stop_reason == r_loop.stop_reason
+    assert [h.record_tuple(r) for r in c_loop.decisions] == [
+        h.record_tuple(r) for r in r_loop.decisions
+    ]
     return c_loop, c_rec
 
 
@@ -139,6 +143,43 @@ def test_stop_from_a_batch_end_observer(plain_calls: list[int]) -> None:
     assert plain_calls == [1]
     assert loop.stop_reason == "enough"
     assert loop.history.training[0]["epoch"] == 0
+
+
+class BatchEndHooks(Callback):
+    """A batch_end guard or observer that acts at the training batch ``at`` of epoch 0."""
+
+    def __init__(self, kind: str, at: int) -> None:
+        self.at = at
+        if kind == "guard":
+            self.guard_batch_end = self._stop
+        else:
+            self.on_batch_end = self._raise
+
+    def _now(self, loop: TrainingLoop) -> bool:
+        return loop.is_training and loop.epoch_index == 0 and loop.batch_index == self.at
+
+    def _stop(self, loop: TrainingLoop) -> Stop | None:
+        return Stop("guarded") if self._now(loop) else None
+
+    def _raise(self, loop: TrainingLoop) -> None:
+        if self._now(loop) and loop.failure is None:
+            raise Boom("observer")
+
+
+@pytest.mark.parametrize("kind", ["guard", "observer"])
+def test_batch_end_guards_and_raising_observers_act_the_same(
+    plain_calls: list[int], kind: str
+) -> None:
+    # A guard makes the plain loop propose batch_end; an observer alone is called directly.
+    hooks = BatchEndHooks(kind, at=2)
+    loop, recorder = assert_same(train=4, val=2, batch_end=True, extra=[hooks])
+    assert plain_calls == [1]
+    ends = [entry for entry in recorder.seen if entry[0] is Event.BATCH_END]
+    assert len(ends) == 3  # batches 0, 1 and 2: the guard's stop takes the end, then winds down
+    if kind == "guard":
+        assert loop.stop_reason == "guarded"
+    else:
+        assert isinstance(loop.failure, Boom)
 
 
 @pytest.mark.parametrize("at", [0, 2])
