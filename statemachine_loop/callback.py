@@ -13,6 +13,7 @@ event, so the hot path touches only those.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
@@ -95,14 +96,27 @@ def callback_name(callback: object) -> str:
     return str(getattr(callback, "__qualname__", None) or type(callback).__name__)
 
 
+#: Per ``Callback`` class, its attributes named like a hook that hook no event (weak
+#: keys: a class defined at run time is not kept alive by having been checked).
+_MISNAMED_HOOKS: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
 def _check_hook_names(callback: Callback) -> None:
-    for attribute in dir(type(callback)):
-        if attribute.startswith((_GUARD_PREFIX, _OBSERVER_PREFIX)) and attribute not in _HOOK_NAMES:
-            raise ConfigError(
-                f"Callback {callback.name} defines {attribute!r}, which hooks no lifecycle "
-                f"event; hooks are guard_<event> and on_<event> for the events "
-                f"{', '.join(e.value for e in Event)}."
-            )
+    cls = type(callback)
+    misnamed = _MISNAMED_HOOKS.get(cls)
+    if misnamed is None:  # scanning dir() costs more than the rest of collect_hooks
+        misnamed = _MISNAMED_HOOKS[cls] = tuple(
+            attribute
+            for attribute in dir(cls)
+            if attribute.startswith((_GUARD_PREFIX, _OBSERVER_PREFIX))
+            and attribute not in _HOOK_NAMES
+        )
+    for attribute in misnamed:
+        raise ConfigError(
+            f"Callback {callback.name} defines {attribute!r}, which hooks no lifecycle "
+            f"event; hooks are guard_<event> and on_<event> for the events "
+            f"{', '.join(e.value for e in Event)}."
+        )
 
 
 def _function_observer(

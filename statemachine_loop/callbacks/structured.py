@@ -104,7 +104,10 @@ def _finish(_: Any, __: str, event_dict: _EventDict) -> _EventDict:
     """Order the common fields first and make values strict-JSON safe."""
     ordered = {key: event_dict.pop(key) for key in FIELD_ORDER if key in event_dict}
     ordered.update(event_dict)
-    return {key: _json_safe(value) for key, value in ordered.items()}
+    for key, value in ordered.items():
+        if isinstance(value, float | dict):  # the only values _json_safe may change
+            ordered[key] = _json_safe(value)
+    return ordered
 
 
 def _drop_empty(_: Any, __: str, event_dict: _EventDict) -> _EventDict:
