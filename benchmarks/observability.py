@@ -17,7 +17,8 @@ optimizer and ``DataLoader``:
   ``optimizer.step()``, ``zero_grad()``, and the cheap way to track loss and accuracy
   (append ``loss.detach()``, the batch size, the detached output and the target;
   reduce once per epoch).
-* ``loop``: ``TrainingLoop(metrics=["accuracy"]).fit``, no callbacks: the core's share.
+* ``loop``: ``TrainingLoop(metrics=["accuracy"], progress=False).fit``, no callbacks:
+  the core's share (a default progress bar would be live, and cost, on a terminal).
 * ``observed``: the same plus ``ProgressBar`` (off a terminal: one line per phase, to
   a ``StringIO``), ``CSVLogger`` (a row per batch) and ``StructuredLogger`` at INFO,
   writing real files in a temporary directory.
@@ -116,6 +117,7 @@ def observed_loop(
         loss_fn=F.mse_loss,
         metrics=["accuracy"],
         callbacks=callbacks,
+        progress=False,  # the observed loop brings its own bar; a default one may be live
     )
 
 
