@@ -262,7 +262,7 @@ class Driver:
                 batch = move(batch)
                 move = self._move
             kind = type(batch)
-            if (kind is tuple or kind is list) and len(batch) == 2:
+            if (kind is list or kind is tuple) and len(batch) == 2:  # DataLoader gives lists
                 inputs, target = batch
             else:
                 inputs, target = split(batch)
