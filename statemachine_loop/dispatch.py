@@ -135,6 +135,10 @@ class Engine:
         """
         return None
 
+    def destination(self, event: Event, state: str) -> str | None:
+        """The state ``event`` leads to from ``state``, per the machine; ``None`` if illegal."""
+        return self._table.get((state, event))
+
     def observed_move(self, event: Event, state: str) -> tuple[str, bool] | None:
         """Where proposing ``event`` from ``state`` leads, and whether observers follow.
 

@@ -201,6 +201,8 @@ class Driver:
                 return
         propose = self._engine.propose
         split = self._step.split
+        machine = self._engine.model
+        batch_state = self._engine.destination(BATCH_START, machine.state)
         for batch_index, batch in enumerate(data, first):
             # A batch was fetched, drawing from the data's random generators: no exact
             # checkpoint until this batch ends (see loop_state.capture).
@@ -212,7 +214,12 @@ class Driver:
             previous_loss = self.last_step_loss
             self.last_step_output = self.last_step_loss = None  # never stale across batches
             self.last_step_input, self.last_step_target = split(self._move(batch))
-            taken = propose(BATCH_START)
+            try:
+                taken = propose(BATCH_START)
+            except BaseException:
+                if machine.state == batch_state:  # taken, then an observer stopped or raised
+                    self.batches_run += 1
+                raise
             if taken is BATCH_START:
                 self._phase_ran = True
                 self.batches_run += 1

@@ -119,13 +119,33 @@ class Outcome:
     params: list[bytes]
 
 
+class BatchesRunCheck(Callback):
+    """At every phase end, ``loop.batches_run`` is the number of the phase's batch_end events."""
+
+    def __init__(self, recorder: TraceRecorder) -> None:
+        self.recorder = recorder
+        self.checked = 0
+
+    def on_training_end(self, loop: Any) -> None:
+        self._check(loop, E.TRAINING_START)
+
+    def on_validation_end(self, loop: Any) -> None:
+        self._check(loop, E.VALIDATION_START)
+
+    def _check(self, loop: Any, start: Event) -> None:
+        events = [entry.event for entry in self.recorder.entries]
+        opened = len(events) - 1 - events[::-1].index(start)
+        assert loop.batches_run == events[opened:].count(E.BATCH_END)
+        self.checked += 1
+
+
 def run(shape: RunShape, script: Sequence[ScriptStep], engine: EngineName) -> Outcome:
     """Fit once, the recorder first: it records each taken event before any scripted
     observer of it can stop or raise."""
     raised: list[ScriptedError] = []
     scripted = scripted_callbacks(script, raised=raised)
     recorder = TraceRecorder()
-    loop, model = tiny_loop(shape, [recorder, *scripted], engine)
+    loop, model = tiny_loop(shape, [recorder, BatchesRunCheck(recorder), *scripted], engine)
     error: BaseException | None = None
     try:
         loop.fit(model, shape.epochs)
