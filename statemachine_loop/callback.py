@@ -42,9 +42,9 @@ class Callback:
     per ``fit``: a callback that wants a hook only in some configurations (per-batch
     logging at debug level, say) sets that attribute to ``None`` on the instance in
     ``__init__``, or makes it a property that returns ``None`` (read when each ``fit``
-    starts, as ``ProgressBar.on_batch_end`` is), and the hot path never calls it. A method whose name starts with
-    ``guard_`` or ``on_`` but names no event is refused at ``fit`` time (a typo would
-    otherwise be silently ignored). Override :meth:`state_dict` and
+    starts, as ``ProgressBar.on_batch_end`` is), and the hot path never calls it. A
+    method whose name starts with ``guard_`` or ``on_`` but names no event is refused
+    at ``fit`` time (a typo would otherwise be silently ignored). Override :meth:`state_dict` and
     :meth:`load_state_dict` for state that must survive a checkpoint and resume.
     """
 
