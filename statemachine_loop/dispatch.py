@@ -319,9 +319,7 @@ class Engine:
         at_once = self.collective is None and not self.winding_down
         stops: list[tuple[str, Decision]] = []
         raised: list[tuple[BaseException, str]] = []
-        for index, (name, observer) in enumerate(self._observers[event]):
-            if index < start:
-                continue
+        for index, (name, observer) in enumerate(self._observers[event][start:], start):
             try:
                 if index == start and known:
                     known = False

@@ -60,9 +60,6 @@ class PendingLosses:
         else:
             self._marks.append(loss.detach())
 
-    def __len__(self) -> int:
-        return len(self._marks)
-
     def take(self, loop: TrainingLoop) -> tuple[list[float], torch.dtype | None]:
         """The pending losses as floats, in order, and their dtype; nothing is pending after.
 
@@ -75,13 +72,11 @@ class PendingLosses:
         if record is not None:
             start, self._consumed = self._consumed, self._consumed + recorded
             record = record[start : self._consumed]
+        recorded_values = [] if record is None else record.tolist()
         own = [mark for mark in marks if isinstance(mark, torch.Tensor)]
         if not own:
-            return ([] if record is None else record.tolist()), (
-                None if record is None else record.dtype
-            )
+            return recorded_values, None if record is None else record.dtype
         detached = torch.stack(own)
-        from_record = iter([] if record is None else record.tolist())
-        from_own = iter(detached.tolist())
+        from_record, from_own = iter(recorded_values), iter(detached.tolist())
         values = [next(from_record if mark is _RECORDED else from_own) for mark in marks]
         return values, detached.dtype

@@ -184,17 +184,12 @@ class CSVLogger(Callback):
         # Rows hold only numbers and a phase name, so no quoting is ever needed.
         head, tail = f"{self._epoch},", f",{self._phase},"
         blanks = "," * (len(self._columns) - 1)
-        if not blank and len(values) == len(batches):  # every row has its loss
-            row = f"{head}%d{tail}{number}{blanks}\n"
-            lines = [row % pair for pair in zip(batches, values, strict=True)]
-            cells = [number % values[-1]]
-        else:
-            found = iter([number % value for value in values])
-            cells = ["" if index in blank else next(found, "") for index in range(len(batches))]
-            lines = [
-                f"{head}{batch}{tail}{cell}{blanks}\n"
-                for batch, cell in zip(batches, cells, strict=True)
-            ]
+        found = iter([number % value for value in values])
+        cells = ["" if index in blank else next(found, "") for index in range(len(batches))]
+        lines = [
+            f"{head}{batch}{tail}{cell}{blanks}\n"
+            for batch, cell in zip(batches, cells, strict=True)
+        ]
         if finals:
             last = "".join(f",{_number(finals.get(name))}" for name in self._columns[1:])
             lines[-1] = f"{head}{batches[-1]}{tail}{cells[-1]}{last}\n"
