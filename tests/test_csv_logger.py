@@ -79,17 +79,20 @@ def test_an_exception_mid_run_leaves_every_completed_row_and_no_partial_line(
     assert all(r["loss"] != "" for r in rows)
 
 
+class RowsOnDisk(Callback):
+    """At each batch_start, how many data rows the CSV file holds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows_seen: list[int] = []
+
+    def on_batch_start(self, loop: TrainingLoop) -> None:
+        self.rows_seen.append(len(self.path.read_text().splitlines()) - 1)
+
+
 def test_rows_are_written_in_chunks_while_a_phase_runs(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
-
-    class Peek(Callback):
-        def __init__(self) -> None:
-            self.rows_seen: list[int] = []
-
-        def on_batch_start(self, loop: TrainingLoop) -> None:
-            self.rows_seen.append(len(path.read_text().splitlines()) - 1)
-
-    peek = Peek()
+    peek = RowsOnDisk(path)
     loop, model = make_loop([CSVLogger(path, flush_every=1e-9), peek], valid=0)
     loop.fit(model, 1)
     # At batch k's start, rows 0..k-2 are on disk: row k-1 waits, it may be the phase's last.
@@ -98,15 +101,7 @@ def test_rows_are_written_in_chunks_while_a_phase_runs(tmp_path: Path) -> None:
 
 def test_a_long_flush_interval_writes_only_at_phase_ends(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
-
-    class Peek(Callback):
-        def __init__(self) -> None:
-            self.rows_seen: list[int] = []
-
-        def on_batch_start(self, loop: TrainingLoop) -> None:
-            self.rows_seen.append(len(path.read_text().splitlines()) - 1)
-
-    peek = Peek()
+    peek = RowsOnDisk(path)
     loop, model = make_loop([CSVLogger(path, flush_every=3600), peek])
     loop.fit(model, 1)
     assert peek.rows_seen == [0] * 6 + [6] * 3
