@@ -38,13 +38,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import functools
 import gc
 import io
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -63,6 +59,8 @@ from statemachine_loop import TrainingLoop
 from statemachine_loop.callbacks.csv_logger import CSVLogger
 from statemachine_loop.callbacks.progress import ProgressBar
 from statemachine_loop.callbacks.structured import StructuredLogger
+
+from _report import load_average, machine_meta, run_line, write_report
 
 CONTENDERS = ("raw", "loop", "observed")
 #: Wall-clock time, and the process's CPU time (which leaves out time spent
@@ -277,12 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--rounds, --epochs and --steps must be >= 1, --warmup >= 0")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread, python "
-        f"{platform.python_version()}, {os.cpu_count()} cores, load {load}, "
-        f"{rounds} rounds (+{warmup} warm-up), interleaved"
-    )
+    load = load_average()
+    print(f"{run_line(load)}, {rounds} rounds (+{warmup} warm-up), interleaved")
     result = measure(rounds=rounds, warmup=warmup, epochs=epochs, steps=steps)
     result["fixed_us_per_fit"] = measure_fixed(rounds=max(rounds, 21))
     print_table(result)
@@ -293,23 +287,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     report = {
         "meta": {
-            "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_before": load,
-            "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            **machine_meta(load),
             "rounds": rounds,
             "warmup": warmup,
             "quick": args.quick,
         },
         "tutorial": result,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_report(args.json, report)
     return report
 
 

@@ -41,12 +41,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import inspect
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -61,6 +57,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from statemachine_loop import TrainingLoop
+
+from _report import load_average, machine_meta, run_line, write_report
 
 CONTENDERS = ("raw", "compiled", "transitions")
 
@@ -299,11 +297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     factories = {"tutorial": (tutorial_workload, 10), "mnist_mlp": (mnist_workload, 64)}
     chosen = list(factories) if args.model == "all" else [args.model]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = load_average()
     print(
-        f"statemachine_loop {_commit()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread, python "
-        f"{platform.python_version()}, {os.cpu_count()} cores, load {load}, "
+        f"statemachine_loop {_commit()}, {run_line(load)}, "
         f"{rounds} rounds (+{warmup} warm-up), interleaved"
     )
     results: dict[str, Any] = {}
@@ -313,15 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_table(name, results[name])
     report = {
         "meta": {
-            "date": datetime.date.today().isoformat(),
+            **machine_meta(load),
             "commit": _commit(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_before": load,
-            "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "rounds": rounds,
             "warmup": warmup,
             "epochs": epochs,
@@ -330,10 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "models": results,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_report(args.json, report)
     return report
 
 

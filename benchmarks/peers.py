@@ -68,12 +68,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
-import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import time
@@ -89,6 +85,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from _report import load_average, machine_meta, run_line, write_report
 
 LEARNING_RATE = 0.01
 BATCH = 10
@@ -517,11 +515,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ready = [c for c in contenders if c.fit is not None]
     initial = tutorial_model()
     long, one, valid = loader(steps * BATCH), loader(BATCH), loader(BATCH)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = load_average()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread, python "
-        f"{platform.python_version()}, {os.cpu_count()} cores, load {load}, "
-        f"{rounds} rounds (+{warmup} warm-up), {steps} steps per fit, interleaved"
+        f"{run_line(load)}, {rounds} rounds (+{warmup} warm-up), {steps} steps per fit, interleaved"
     )
     for contender in contenders:
         status = contender.missing or contender.version or "measured"
@@ -540,14 +536,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report = {
         "meta": {
-            "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_before": load,
-            "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            **machine_meta(load),
             "rounds": rounds,
             "warmup": warmup,
             "steps_per_fit": steps,
@@ -568,10 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "markdown": table,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_report(args.json, report)
     return report
 
 
