@@ -33,6 +33,11 @@ _OBSERVER_PREFIX = "on_"
 _HOOK_NAMES = frozenset(
     f"{prefix}{event.value}" for event in Event for prefix in (_GUARD_PREFIX, _OBSERVER_PREFIX)
 )
+#: ``(event, guard name, observer name)`` per event, spelled once (``Event.value`` is a
+#: Python-level property, read 24 times per callback otherwise).
+_HOOKS_BY_EVENT = tuple(
+    (event, _GUARD_PREFIX + event.value, _OBSERVER_PREFIX + event.value) for event in ALL_EVENTS
+)
 
 
 class Callback:
@@ -135,33 +140,31 @@ def collect_hooks(callbacks: Sequence[object]) -> HookMap:
     Raises :class:`ConfigError` for an object that is neither a ``Callback`` nor
     callable, and for a ``Callback`` with a misspelled hook name.
     """
-    guards: dict[Event, list[Hook]] = {event: [] for event in ALL_EVENTS}
-    observers: dict[Event, list[Hook]] = {event: [] for event in ALL_EVENTS}
-    stoppers: dict[Event, set[str]] = {event: set() for event in ALL_EVENTS}
+    # Filled by concatenation (an event has a handful of hooks at most): with no
+    # callbacks this costs three C calls, not a comprehension per table.
+    guards: dict[Event, tuple[Hook, ...]] = dict.fromkeys(ALL_EVENTS, ())
+    observers: dict[Event, tuple[Hook, ...]] = dict.fromkeys(ALL_EVENTS, ())
+    stoppers: dict[Event, frozenset[str]] = dict.fromkeys(ALL_EVENTS, frozenset())
     for callback in callbacks:
         name = callback_name(callback)
         if isinstance(callback, Callback):
             _check_hook_names(callback)
-            for event in ALL_EVENTS:
-                guard = getattr(callback, _GUARD_PREFIX + event.value, None)
+            for event, guard_name, observer_name in _HOOKS_BY_EVENT:
+                guard = getattr(callback, guard_name, None)
                 if guard is not None:
-                    guards[event].append((name, guard))
-                observer = getattr(callback, _OBSERVER_PREFIX + event.value, None)
+                    guards[event] += ((name, guard),)
+                observer = getattr(callback, observer_name, None)
                 if observer is not None:
-                    observers[event].append((name, observer))
+                    observers[event] += ((name, observer),)
                     if callback.may_stop:
-                        stoppers[event].add(name)
+                        stoppers[event] |= {name}
         elif callable(callback):
             for event in ALL_EVENTS:
-                observers[event].append((name, _function_observer(callback, event)))
-                stoppers[event].add(name)
+                observers[event] += ((name, _function_observer(callback, event)),)
+                stoppers[event] |= {name}
         else:
             raise ConfigError(
                 f"callbacks must hold Callback instances or functions fn(loop, event); "
                 f"got {type(callback).__name__}: {callback!r}."
             )
-    return HookMap(
-        guards={event: tuple(hooks) for event, hooks in guards.items()},
-        observers={event: tuple(hooks) for event, hooks in observers.items()},
-        stoppers={event: frozenset(names) for event, names in stoppers.items()},
-    )
+    return HookMap(guards=guards, observers=observers, stoppers=stoppers)

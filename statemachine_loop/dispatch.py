@@ -440,11 +440,18 @@ class CompiledEngine(Engine):
 
     name = "compiled"
 
-    def _compile(self, hooks: HookMap, entries: Mapping[Event, Callable[[], None]]) -> None:
+    def __init__(self, loop: TrainingLoop) -> None:
+        super().__init__(loop)
         moves: dict[Event, dict[str, str]] = {event: {} for event in ALL_EVENTS}
         for (source, event), dest in self._table.items():
             moves[event][source] = dest
+        #: Per event, ``{source: destination}`` read off the machine (the same every fit).
+        self._moves = moves
         self._plans: dict[Event, _Plan] = {}
+
+    def _compile(self, hooks: HookMap, entries: Mapping[Event, Callable[[], None]]) -> None:
+        moves = self._moves
+        self._plans = {}
         for event in ALL_EVENTS:
             entry = entries.get(event)
             guarded, observed = bool(hooks.guards[event]), bool(hooks.observers[event])

@@ -66,6 +66,11 @@ __all__ = ["MID_BATCH", "Driver"]
 #: ``_next_batch`` between a batch's fetch and its ``batch_end``: not a resumable point.
 MID_BATCH = -1
 
+# How far the plain training loop got with its current batch: fetched; started (split,
+# batch_start taken); forward done; loss checked; backward done (updating); ended
+# (metrics updated, batch_end due); settled (everything hooks read is written).
+_FETCHED, _STARTED, _FORWARDED, _SCORED, _UPDATING, _ENDED, _SETTLED = range(7)
+
 # Module constants for the per-batch events: a global lookup is several times cheaper
 # than an attribute of the ``Event`` enum class.
 BATCH_START, UPDATE_START, BATCH_END = Event.BATCH_START, Event.UPDATE_START, Event.BATCH_END
@@ -238,69 +243,129 @@ class Driver:
         The same work as the general loop with the default :class:`Step` and
         ``_training_step``, for the common case where no callback hooks
         ``batch_start`` or ``update_start``: their proposals could only move the
-        machine, so the loop moves it itself (to the states the engine read off the
-        machine for them) and calls model, loss and optimizer inline. ``batch_end``
-        is proposed when a guard hooks it; with observers only, the loop moves the
-        machine and calls them through :meth:`Engine.observe`. An exception leaves the
-        machine where it happened, so the wind-down is the same as the general loop's.
+        machine, so the loop calls model, loss and optimizer inline and keeps its
+        progress through a batch in a local ``stage``. What hooks read — the machine's
+        state, ``last_step_*``, ``batches_run`` — is written only where a hook can
+        run: before a hooked ``batch_end``, when the phase ends, and when anything
+        raises (:meth:`_settle_plain`), so each hook, the wind-down included, sees
+        what the general loop would show. ``batch_index`` is kept current throughout.
+        ``batch_end`` is proposed when a guard hooks it; with observers only, the
+        loop moves the machine and calls them through :meth:`Engine.observe`.
         """
         assert self.model is not None
         engine, machine = self._engine, self._engine.model
-        propose = engine.propose
+        propose, observe = engine.propose, engine.observe
         phase_state = machine.state
         batch_state, update_state = moves
-        # batch_end is proposed only when a guard or entry work needs it; otherwise the
-        # loop moves the machine and calls its observers (if any) itself.
         end = engine.observed_move(BATCH_END, update_state)
-        end_state, end_observed = end if end is not None else ("", False)
-        observe = engine.observe
+        guarded = end is None  # then batch_end is proposed, and its guards run
+        end_state = phase_state if end is None else end[0]
+        hooked = guarded or (end is not None and end[1])
+        states = (phase_state, batch_state, update_state, end_state)
         model, loss_fn, optimizer = self.model, self._loss_fn, self.optimizer
-        metrics = self._metrics
+        metrics, tensor = self._metrics, torch.Tensor
         split, backward = self._step.split, torch.autograd.backward
         move = self._move
-        loss: torch.Tensor | None = None
-        for batch_index, batch in enumerate(data, first):
-            self._next_batch = MID_BATCH
-            self.batch_index = batch_index
-            # The local ``loss`` keeps the last graph until the new loss replaces it
-            # (see _run_phase), as in a hand-written loop.
-            self.last_step_output = self.last_step_loss = None
-            if move is not _unchanged:
-                batch = move(batch)
-                move = self._move
-            kind = type(batch)
-            if (kind is list or kind is tuple) and len(batch) == 2:  # DataLoader gives lists
-                inputs, target = batch
-            else:
-                inputs, target = split(batch)
-            self.last_step_input, self.last_step_target = inputs, target
-            engine.source, machine.state = phase_state, batch_state
-            self._phase_ran = True
-            self.batches_run += 1
-            output = self.last_step_output = model(inputs)
-            loss = loss_fn(output, target)
-            if type(loss) is not torch.Tensor or loss.ndim:
-                loss = checked_loss(loss)  # raises the ConfigError that says what is wrong
-            self.last_step_loss = loss
-            backward(loss)
-            engine.source, machine.state = batch_state, update_state
-            optimizer.step()
-            optimizer.zero_grad()
-            if type(target) is torch.Tensor and target.ndim:
-                size = target.shape[0]
-            else:
-                size = self._step.batch_size(inputs, target)
-            for metric in metrics:
-                metric.update(output, target, loss, size)
-            self._next_batch = batch_index + 1
-            if end is None:
-                propose(BATCH_END)
-            else:
-                engine.source, machine.state = update_state, end_state
-                if end_observed and observe(BATCH_END) is not None:
-                    raise Stopping
+        base = self.batches_run
+        runs_before = base - first + 1  # + batch_index: batches_run once that batch started
+        # The locals hold the previous values until this phase's first batch replaces
+        # them; the attributes let go of the previous phase's output and graph now.
+        inputs, target = self.last_step_input, self.last_step_target
+        output, loss = self.last_step_output, self.last_step_loss
+        self.last_step_output = self.last_step_loss = None
+        batch_index, stage = first - 1, _ENDED
+        try:
+            for batch_index, batch in enumerate(data, first):
+                stage = _FETCHED
+                self.batch_index = batch_index
+                if move is not _unchanged:
+                    batch = move(batch)
+                    move = self._move
+                kind = type(batch)
+                if (kind is list or kind is tuple) and len(batch) == 2:  # DataLoader gives lists
+                    inputs, target = batch
+                else:
+                    inputs, target = split(batch)
+                stage = _STARTED
+                # ``loss`` keeps the last graph until the new loss replaces it (see
+                # _run_phase), as in a hand-written loop.
+                output = model(inputs)
+                stage = _FORWARDED
+                loss = loss_fn(output, target)
+                if type(loss) is not tensor or loss.ndim:
+                    loss = checked_loss(loss)  # raises the ConfigError that says what is wrong
+                stage = _SCORED
+                backward(loss)
+                stage = _UPDATING
+                optimizer.step()
+                optimizer.zero_grad()
+                if type(target) is tensor and target.ndim:
+                    size = target.shape[0]
+                else:
+                    size = self._step.batch_size(inputs, target)
+                for metric in metrics:
+                    metric.update(output, target, loss, size)
+                stage = _ENDED
+                if hooked:  # what _settle_plain writes at _ENDED, inline: it runs per batch
+                    self.last_step_input, self.last_step_target = inputs, target
+                    self.last_step_output, self.last_step_loss = output, loss
+                    self._phase_ran = True
+                    self.batches_run = runs_before + batch_index
+                    self._next_batch = batch_index + 1
+                    stage = _SETTLED
+                    if guarded:  # the proposal takes batch_end from updating
+                        engine.source, machine.state = batch_state, update_state
+                        propose(BATCH_END)
+                    else:
+                        engine.source, machine.state = update_state, end_state
+                        if observe(BATCH_END) is not None:
+                            raise Stopping
+        except BaseException:
+            if stage != _SETTLED:
+                ran = batch_index - first + (stage != _FETCHED)
+                self._settle_plain(stage, ran, base, states, inputs, target, output, loss)
+            raise
+        if stage != _SETTLED:
+            ran = batch_index - first + 1
+            self._settle_plain(stage, ran, base, states, inputs, target, output, loss)
         self._next_batch = MID_BATCH
         propose(TRAINING_END)
+
+    def _settle_plain(
+        self,
+        stage: int,
+        ran: int,
+        base: int,
+        states: tuple[str, str, str, str],
+        inputs: Any,
+        target: Any,
+        output: Any,
+        loss: torch.Tensor | None,
+    ) -> None:
+        """Write what the general loop would show at ``stage`` of the plain loop's batch.
+
+        ``ran`` counts the batches this loop started, the current one included once
+        it started; ``base`` is ``batches_run`` before the loop. The values are the
+        loop's locals: the current batch's from the stage that produced them on, the
+        previous batch's (or the attributes' before the loop) until then.
+        """
+        phase_state, batch_state, update_state, end_state = states
+        self.last_step_input, self.last_step_target = inputs, target
+        self.last_step_output = None if stage < _FORWARDED else output
+        self.last_step_loss = None if stage < _SCORED else loss
+        if stage == _ENDED and ran == 0:  # no batch was fetched: nothing else moved
+            return
+        self._next_batch = self.batch_index + 1 if stage == _ENDED else MID_BATCH
+        if ran:
+            self._phase_ran = True
+            self.batches_run = base + ran
+        engine, machine = self._engine, self._engine.model
+        if stage in (_STARTED, _FORWARDED, _SCORED):
+            engine.source, machine.state = phase_state, batch_state
+        elif stage == _UPDATING:
+            engine.source, machine.state = batch_state, update_state
+        elif ran:  # fetched, or ended: the batch before (or this one) has ended
+            engine.source, machine.state = update_state, end_state
 
     def _reenter_phase(self, data: Iterable[Any], resume: ResumePoint) -> Iterable[Any]:
         """Restore the phase's state after its re-entered start; the data from the next batch."""

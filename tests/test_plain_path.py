@@ -9,6 +9,11 @@ hooks saw, ``batch_end`` where something hooks it, the wind-down after an except
 from the model, the loss, the optimizer or the data — plus equal ``History`` and
 bit-identical parameters. A spy checks that the compiled runs really take the
 plain loop, so the comparison cannot quietly test the general loop twice.
+
+The plain loop writes what hooks read only where a hook can run (before a hooked
+``batch_end``, at the phase end, when something raises), so the recorder snapshots
+all of it — ``last_step_*``, ``batches_run``, whether ``state_dict()`` is legal —
+and the exception cases raise at every point of a batch.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import helpers as h
 import pytest
 import torch
 
-from statemachine_loop import Callback, ConfigError, Event, Stop, TrainingLoop
+from statemachine_loop import Callback, ConfigError, Event, LifecycleError, Stop, TrainingLoop
 from statemachine_loop.driver import Driver
 from statemachine_loop.step import Step
 
@@ -35,18 +40,25 @@ class Boom(Exception):  # noqa: N818 - a test's own exception
 
 
 class PhaseRecorder(Callback):
-    """Observes every event except the per-batch ones (and ``batch_end`` when asked)."""
+    """Observes every event except the per-batch ones (and ``batch_end`` when asked).
 
-    def __init__(self, *, batch_end: bool = False, stop_at: int | None = None) -> None:
+    ``batch_end="guard"`` also records in a guard of ``batch_end``, which sees the
+    state a batch left before the proposal moves the machine.
+    """
+
+    def __init__(self, *, batch_end: bool | str = False, stop_at: int | None = None) -> None:
         self.seen: list[tuple[Any, ...]] = []
         self.stop_at = stop_at
         for event in PHASE_EVENTS:
             setattr(self, f"on_{event.value}", self._recorder(event))
+        # A guard sees the state a batch left before the phase end moves the machine.
+        self.guard_training_end = self._recorder("guard_training_end")
         if batch_end:
             self.on_batch_end = self._batch_end
+        if batch_end == "guard":
+            self.guard_batch_end = self._recorder("guard_batch_end")
 
-    def _snapshot(self, loop: TrainingLoop, event: Event) -> tuple[Any, ...]:
-        loss = loop.last_step_loss
+    def _snapshot(self, loop: TrainingLoop, event: Event | str) -> tuple[Any, ...]:
         return (
             event,
             loop.state,
@@ -54,13 +66,23 @@ class PhaseRecorder(Callback):
             loop.epoch_index,
             loop.batch_index,
             loop.batch_count,
+            loop.batches_run,
             loop.is_training,
-            None if loss is None else loss.item(),
+            *(
+                _value(value)
+                for value in (
+                    loop.last_step_input,
+                    loop.last_step_target,
+                    loop.last_step_output,
+                    loop.last_step_loss,
+                )
+            ),
+            _exact(loop),
             loop.failure is not None,
             loop.stop_reason,
         )
 
-    def _recorder(self, event: Event) -> Any:
+    def _recorder(self, event: Event | str) -> Any:
         def observe(loop: TrainingLoop) -> None:
             self.seen.append(self._snapshot(loop, event))
 
@@ -72,6 +94,19 @@ class PhaseRecorder(Callback):
         if self.stop_at is not None and ends >= self.stop_at:
             return Stop("enough")
         return None
+
+
+def _value(value: Any) -> Any:
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
+def _exact(loop: TrainingLoop) -> Any:
+    """A checkpoint's position here, or that ``state_dict()`` refuses (mid-batch)."""
+    try:
+        payload = loop.state_dict()
+    except LifecycleError:
+        return "mid-batch"
+    return payload["position"], payload.get("phase", {}).get("ran")
 
 
 @pytest.fixture
@@ -92,6 +127,7 @@ Run = tuple[TrainingLoop, PhaseRecorder, Any, BaseException | None]
 
 
 def run(engine: str, **options: Any) -> Run:
+    optimizer = options.pop("optimizer", None)
     recorder = PhaseRecorder(
         batch_end=options.pop("batch_end", False), stop_at=options.pop("stop_at", None)
     )
@@ -99,10 +135,12 @@ def run(engine: str, **options: Any) -> Run:
     epochs = options.pop("epochs", 2)
     callbacks = [recorder, *options.pop("extra", [])]
     loop = h.make_loop(engine, model, callbacks=callbacks, progress=False, **options)
+    if optimizer is not None:  # the loop's own SGD, swapped before anything ran
+        loop.optimizer = optimizer(model.parameters())
     failure: BaseException | None = None
     try:
         loop.fit(model, epochs)
-    except Exception as error:  # compared across engines by assert_same
+    except (Exception, KeyboardInterrupt) as error:  # compared across engines by assert_same
         failure = error
     return loop, recorder, model, failure
 
@@ -182,84 +220,138 @@ def test_batch_end_guards_and_raising_observers_act_the_same(
         assert isinstance(loop.failure, Boom)
 
 
-@pytest.mark.parametrize("at", [0, 2])
-@pytest.mark.parametrize("where", ["model", "loss", "optimizer", "data"])
-def test_exceptions_wind_down_the_same(plain_calls: list[int], where: str, at: int) -> None:
-    error = Boom(where)
-    options: dict[str, Any] = {"train": 4, "val": 2, "batch_end": True}
-    if where == "model":
+#: Where a batch can fail, and the state its wind-down starts from (``batch_end`` from
+#: there, or nothing when the batch never started).
+FAILURES = {
+    "data": None,  # the fetch of batch ``at``
+    "later data": None,  # the fetch of batch ``at`` in the second epoch
+    "split": None,  # batch ``at`` is not an (input, target) pair
+    "model": "training_batch",
+    "interrupt": "training_batch",  # KeyboardInterrupt from the model
+    "loss": "training_batch",
+    "scalar": "training_batch",  # the loss is not a scalar
+    "optimizer": "updating",
+    "zero_grad": "updating",
+    "metric": "updating",
+}
+
+
+def _failing(where: str, at: int, error: BaseException, batch_end: bool | str) -> dict[str, Any]:
+    """Options for ``run`` whose fit raises ``error`` (or a ConfigError) at batch ``at``."""
+    options: dict[str, Any] = {"train": 4, "val": 2, "batch_end": batch_end}
+    if where in ("model", "interrupt"):
         options["model"] = h.CountingLinear(raise_at=at, exc=error)
     elif where == "loss":
         options["loss_fn"] = h.CountingLoss(raise_at=at, exc=error)
-    elif where == "data":
-        options["training"] = _FailingData(h.loader(4, seed=1), at, error)
-    loop, recorder = assert_same(**options) if where != "optimizer" else _optimizer_case(at)
-    assert plain_calls == [1]
-    assert isinstance(loop.failure, Boom)
-    # The wind-down starts where the failure left the machine.
-    wind_down = [(entry[0], entry[2]) for entry in recorder.seen if entry[-2]]
-    first = {
-        "model": [(Event.BATCH_END, "training_batch")],
-        "loss": [(Event.BATCH_END, "training_batch")],
-        "optimizer": [(Event.BATCH_END, "updating")],
-        "data": [],
-    }[where]
+    elif where == "scalar":
+        options["loss_fn"] = _NotScalarAt(at)
+    elif where in ("data", "later data"):
+        options["training"] = _FailingData(h.loader(4, seed=1), at, error, later=where != "data")
+    elif where == "split":
+        batches = h.batches_of(h.loader(4, seed=1))
+        x, y = batches[at]
+        options["training"] = [*batches[:at], (x, y, y), *batches[at + 1 :]]
+    elif where in ("optimizer", "zero_grad"):
+        options["optimizer"] = lambda params: _FailingSGD(params, at, where, error)
+    elif where == "metric":
+        options["metrics"] = [_FailingMetric(at, error)]
+    return options
+
+
+@pytest.mark.parametrize("batch_end", ["guard", True, False], ids=["guard", "observer", "none"])
+@pytest.mark.parametrize("at", [0, 2])
+@pytest.mark.parametrize("where", list(FAILURES))
+def test_exceptions_wind_down_the_same(
+    plain_calls: list[int], where: str, at: int, batch_end: bool | str
+) -> None:
+    error: BaseException = KeyboardInterrupt() if where == "interrupt" else Boom(where)
+    loop, recorder = assert_same(**_failing(where, at, error, batch_end))
+    assert plain_calls == ([1, 1] if where == "later data" else [1])
+    expected = ConfigError if where in ("split", "scalar") else type(error)
+    assert isinstance(loop.failure, expected)
+    # The wind-down starts where the failure left the machine (the recorder sees
+    # batch_end only when it hooks it).
+    wind_down = [
+        (entry[0], entry[2])
+        for entry in recorder.seen
+        if entry[-2] and isinstance(entry[0], Event)  # observers only
+    ]
+    state = FAILURES[where]
     assert wind_down == [
-        *first,
+        *([] if state is None or not batch_end else [(Event.BATCH_END, state)]),
         (Event.TRAINING_END, "training"),
         (Event.EPOCH_END, "trained"),
         (Event.FIT_END, "fit"),
     ]
 
 
-def _optimizer_case(at: int) -> tuple[TrainingLoop, PhaseRecorder]:
-    results = []
-    for engine in ("compiled", "transitions"):
-        model = h.make_model()
-        optimizer = _FailingSGD(model.parameters(), at=at)
-        recorder = PhaseRecorder(batch_end=True)
-        loop = TrainingLoop(
-            training=h.loader(4, seed=1),
-            optimizer=optimizer,
-            loss_fn=torch.nn.functional.mse_loss,
-            callbacks=[recorder],
-            engine=engine,  # type: ignore[arg-type]
-            progress=False,
-        )
-        with pytest.raises(Boom):
-            loop.fit(model, 2)
-        results.append((loop, recorder, model))
-    (c_loop, c_rec, c_model), (_, r_rec, r_model) = results
-    assert c_rec.seen == r_rec.seen
-    # The failing step raised before touching the parameters, in both runs.
-    assert h.same_tensors(h.params_of(c_model), h.params_of(r_model))
-    return c_loop, c_rec
+class _NotScalarAt(h.CountingLoss):
+    """MSE, except that call ``at`` returns the per-sample losses (not a scalar)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.calls == self.at:
+            self.calls += 1
+            return (output - target) ** 2
+        return super().__call__(output, target)
 
 
 class _FailingSGD(torch.optim.SGD):
-    def __init__(self, params: Any, at: int) -> None:
+    """SGD whose ``at``-th ``step`` (or ``zero_grad`` after it) raises ``error``."""
+
+    def __init__(self, params: Any, at: int, where: str, error: BaseException) -> None:
         super().__init__(params, lr=0.1)
-        self.calls, self.at = 0, at
+        self.steps, self.at, self.where, self.error = 0, at, where, error
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        index, self.calls = self.calls, self.calls + 1
-        if index == self.at:
-            raise Boom("optimizer")
+        index, self.steps = self.steps, self.steps + 1
+        if index == self.at and self.where == "optimizer":
+            raise self.error
         return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.steps == self.at + 1 and self.where == "zero_grad":
+            raise self.error
+        super().zero_grad(set_to_none)
+
+
+class _FailingMetric(h.CountingMetric):
+    """Counts updates, and raises ``error`` on the ``at``-th one."""
+
+    def __init__(self, at: int, error: BaseException) -> None:
+        super().__init__()
+        self.at, self.error = at, error
+
+    def update(self, output: Any, target: Any, loss: Any, batch_size: int) -> None:
+        if self.total == self.at:
+            raise self.error
+        super().update(output, target, loss, batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
 
 
 class _FailingData:
-    """Yields the loader's batches, raising on the ``at``-th fetch of the first pass."""
+    """Yields the loader's batches, raising on the ``at``-th fetch of the first (or second) pass."""
 
-    def __init__(self, data: Any, at: int, error: BaseException) -> None:
+    def __init__(self, data: Any, at: int, error: BaseException, *, later: bool = False) -> None:
         self.data, self.at, self.error = data, at, error
+        self.failing_pass = 1 if later else 0
+        self.passes = 0
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __iter__(self) -> Iterator[Any]:
+        this_pass, self.passes = self.passes, self.passes + 1
         for index, batch in enumerate(self.data):
-            if index == self.at:
+            if index == self.at and this_pass == self.failing_pass:
                 raise self.error
             yield batch
 
