@@ -72,7 +72,7 @@ def _float_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _flat_cat(tensors: list[Tensor], keep_last: bool) -> Tensor:
+def _flat_cat(tensors: tuple[Tensor, ...] | list[Tensor], keep_last: bool) -> Tensor:
     """Join batches, flattened to ``(M,)`` or ``(M, C)``; batch sizes may differ.
 
     Batches are joined first and flattened once; only when their trailing sizes differ
@@ -188,9 +188,9 @@ class _Loss(_BufferedMetric[tuple[Tensor, int]]):
             self._flush()
 
     def _fold(self, items: list[tuple[Tensor, int]]) -> Tensor:
-        sizes = [size for _, size in items]
+        values, sizes = zip(*items, strict=True)  # unzipped in C: no loop per batch here
         self._samples += sum(sizes)
-        losses = torch.stack([value for value, _ in items]).reshape(-1)
+        losses = torch.stack(values).reshape(-1)
         self._folded.append(losses)
         dtype = _float_dtype(losses.device)
         # Non-blocking from host memory: the copy is queued, the host does not wait.
@@ -259,8 +259,9 @@ class _PredictionMetric(_BufferedMetric[tuple[Tensor, Tensor]]):
         self._binary, self._classes = binary, classes
 
     def _fold(self, items: list[tuple[Tensor, Tensor]]) -> Tensor:
-        output = _flat_cat([out for out, _ in items], keep_last=not self._binary)
-        target = _flat_cat([tgt for _, tgt in items], keep_last=False)
+        outputs, targets = zip(*items, strict=True)
+        output = _flat_cat(outputs, keep_last=not self._binary)
+        target = _flat_cat(targets, keep_last=False)
         return self._fold_joined(output, target)
 
     @abc.abstractmethod

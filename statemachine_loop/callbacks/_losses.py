@@ -14,7 +14,6 @@ graph, which would outlive the next batch's and slow every allocation after it.
 
 from __future__ import annotations
 
-import enum
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,26 +24,19 @@ if TYPE_CHECKING:
 __all__ = ["PendingLosses"]
 
 
-class _Recorded(enum.Enum):
-    """Marks a batch whose loss is the loss metric's next recorded one."""
-
-    LOSS = "recorded"
-
-
-_RECORDED = _Recorded.LOSS
-
-
 class PendingLosses:
     """The losses of the batches noted since the last :meth:`take`, in order."""
 
     def __init__(self) -> None:
-        self._marks: list[torch.Tensor | _Recorded] = []
+        self._noted = 0  # batches noted since the last take
+        # (position among the noted, detached loss) of the losses the record lacks.
+        self._own: list[tuple[int, torch.Tensor]] = []
         self._shared = False
         self._consumed = 0  # entries of the phase's loss record already taken
 
     def bind(self, loop: TrainingLoop) -> None:
         """Start a fit: nothing pending, and whether the loop keeps a loss record."""
-        self._marks = []
+        self._noted, self._own = 0, []
         self._shared = loop.batch_losses() is not None
         self._consumed = 0
 
@@ -55,10 +47,9 @@ class PendingLosses:
     def add(self, loop: TrainingLoop, loss: torch.Tensor) -> None:
         """Note ``loss``, the current batch's ``last_step_loss`` (not ``None``)."""
         # The loss metric recorded this loss, unless a stop came between the two.
-        if self._shared and loop.stop_reason is None:
-            self._marks.append(_RECORDED)
-        else:
-            self._marks.append(loss.detach())
+        if not self._shared or loop.stop_reason is not None:
+            self._own.append((self._noted, loss.detach()))
+        self._noted += 1
 
     def take(self, loop: TrainingLoop) -> tuple[list[float], torch.dtype | None]:
         """The pending losses as floats, in order, and their dtype; nothing is pending after.
@@ -66,17 +57,18 @@ class PendingLosses:
         One device read per source: a slice of the loss record, and a stack of the
         few losses detached here.
         """
-        marks, self._marks = self._marks, []
-        recorded = sum(1 for mark in marks if mark is _RECORDED)
+        noted, own = self._noted, self._own
+        self._noted, self._own = 0, []
+        recorded = noted - len(own)
         record = loop.batch_losses() if recorded else None
         if record is not None:
             start, self._consumed = self._consumed, self._consumed + recorded
             record = record[start : self._consumed]
-        recorded_values = [] if record is None else record.tolist()
-        own = [mark for mark in marks if isinstance(mark, torch.Tensor)]
+        values = [] if record is None else record.tolist()
         if not own:
-            return recorded_values, None if record is None else record.dtype
-        detached = torch.stack(own)
-        from_record, from_own = iter(recorded_values), iter(detached.tolist())
-        values = [next(from_record if mark is _RECORDED else from_own) for mark in marks]
+            return values, None if record is None else record.dtype
+        detached = torch.stack([loss for _, loss in own])
+        # In increasing position, each insert lands where that batch was noted.
+        for (position, _), value in zip(own, detached.tolist(), strict=True):
+            values.insert(position, value)
         return values, detached.dtype

@@ -184,12 +184,13 @@ class CSVLogger(Callback):
         # Rows hold only numbers and a phase name, so no quoting is ever needed.
         head, tail = f"{self._epoch},", f",{self._phase},"
         blanks = "," * (len(self._columns) - 1)
-        found = iter([number % value for value in values])
-        cells = ["" if index in blank else next(found, "") for index in range(len(batches))]
-        lines = [
-            f"{head}{batch}{tail}{cell}{blanks}\n"
-            for batch, cell in zip(batches, cells, strict=True)
-        ]
+        if blank or len(values) != len(batches):
+            found = iter([number % value for value in values])
+            cells = ["" if index in blank else next(found, "") for index in range(len(batches))]
+        else:  # every row has its loss: the usual case, one format per row
+            cells = [number % value for value in values]
+        row = f"{head}%d{tail}%s{blanks}\n"
+        lines = [row % pair for pair in zip(batches, cells, strict=True)]
         if finals:
             last = "".join(f",{_number(finals.get(name))}" for name in self._columns[1:])
             lines[-1] = f"{head}{batches[-1]}{tail}{cells[-1]}{last}\n"
