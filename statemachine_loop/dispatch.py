@@ -17,6 +17,7 @@ traces and decisions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -139,15 +140,43 @@ class Engine:
         """The state ``event`` leads to from ``state``, per the machine; ``None`` if illegal."""
         return self._table.get((state, event))
 
-    def observed_move(self, event: Event, state: str) -> tuple[str, bool] | None:
-        """Where proposing ``event`` from ``state`` leads, and whether observers follow.
+    def observed_move(
+        self, event: Event, state: str
+    ) -> tuple[str, Callable[[], Stop | None] | None] | None:
+        """Where proposing ``event`` from ``state`` leads, and how to call its observers.
 
         Only when the proposal would do nothing but move the machine and call the
         event's observers — no entry work, no guard — so the driver may move it
-        itself and call :meth:`observe`; otherwise ``None``. The reference engine
-        always answers ``None``.
+        itself and call them: the second item is :meth:`observer_call`'s function,
+        or ``None`` when nothing observes the event. Otherwise ``None``. The
+        reference engine always answers ``None``.
         """
         return None
+
+    def observer_call(self, event: Event) -> Callable[[], Stop | None]:
+        """:meth:`observe` of ``event`` as a function of no arguments, for this fit's hooks.
+
+        For the driver's per-batch calls. With a single observer (one logger: the
+        common case) the function calls it directly and hands anything it returns
+        or raises to the full policy, as :meth:`observe` does, without the loop
+        around it; otherwise it is :meth:`observe` itself.
+        """
+        observers = self._observers[event]
+        if len(observers) != 1 or (self.collective is not None and self._stoppers[event]):
+            return functools.partial(self.observe, event)
+        ((_, observer),) = observers
+        loop, observe_from = self._loop, self._observe_from
+
+        def observe_one() -> Stop | None:
+            if self.winding_down:
+                return observe_from(event, 0)
+            try:
+                result = observer(loop)
+            except BaseException as exc:
+                return observe_from(event, 0, error=exc)
+            return None if result is None else observe_from(event, 0, result=result)
+
+        return observe_one
 
     def propose(self, event: Event) -> Event | None:
         """Propose ``event``: return the event taken, or ``None`` if it was vetoed.
@@ -469,12 +498,14 @@ class CompiledEngine(Engine):
             states.append(state)
         return tuple(states)
 
-    def observed_move(self, event: Event, state: str) -> tuple[str, bool] | None:
+    def observed_move(
+        self, event: Event, state: str
+    ) -> tuple[str, Callable[[], Stop | None] | None] | None:
         """See :meth:`Engine.observed_move`."""
         moves, entry, guarded, observed, _ = self._plans[event]
         if entry is not None or guarded or state not in moves:
             return None
-        return moves[state], observed
+        return moves[state], self.observer_call(event) if observed else None
 
     def propose(self, event: Event) -> Event | None:
         """Propose ``event`` (see :meth:`Engine.propose`)."""

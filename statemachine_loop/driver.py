@@ -250,17 +250,18 @@ class Driver:
         raises (:meth:`_settle_plain`), so each hook, the wind-down included, sees
         what the general loop would show. ``batch_index`` is kept current throughout.
         ``batch_end`` is proposed when a guard hooks it; with observers only, the
-        loop moves the machine and calls them through :meth:`Engine.observe`.
+        loop moves the machine and calls them (:meth:`Engine.observer_call`).
         """
         assert self.model is not None
         engine, machine = self._engine, self._engine.model
-        propose, observe = engine.propose, engine.observe
+        propose = engine.propose
         phase_state = machine.state
         batch_state, update_state = moves
         end = engine.observed_move(BATCH_END, update_state)
         guarded = end is None  # then batch_end is proposed, and its guards run
-        end_state = phase_state if end is None else end[0]
-        hooked = guarded or (end is not None and end[1])
+        end_state, observe_end = (phase_state, None) if end is None else end
+        hooked = guarded or observe_end is not None
+        observe_end = observe_end or _unobserved
         states = (phase_state, batch_state, update_state, end_state)
         model, loss_fn, optimizer = self.model, self._loss_fn, self.optimizer
         metrics, tensor = self._metrics, torch.Tensor
@@ -318,8 +319,13 @@ class Driver:
                         propose(BATCH_END)
                     else:
                         engine.source, machine.state = update_state, end_state
-                        if observe(BATCH_END) is not None:
+                        if observe_end() is not None:
                             raise Stopping
+                    # Held through the next batch, output and loss would keep this
+                    # batch's graph alive past the next one's (slowing every
+                    # allocation); the locals still have them for _settle_plain.
+                    self.last_step_output = self.last_step_loss = None
+                    stage = _ENDED
         except BaseException:
             if stage != _SETTLED:
                 ran = batch_index - first + (stage != _FETCHED)
@@ -482,6 +488,10 @@ class Driver:
 
 def _unchanged(batch: Any) -> Any:
     return batch
+
+
+def _unobserved() -> None:
+    """Stands in for the observers of an event that nothing observes."""
 
 
 def _reentry_refused(event: Event) -> LifecycleError:

@@ -204,16 +204,20 @@ class BatchEndHooks(Callback):
             raise Boom("observer")
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["with_recorder", "alone"])
 @pytest.mark.parametrize("kind", ["guard", "observer"])
 def test_batch_end_guards_and_raising_observers_act_the_same(
-    plain_calls: list[int], kind: str
+    plain_calls: list[int], kind: str, recorded: bool
 ) -> None:
-    # A guard makes the plain loop propose batch_end; an observer alone is called directly.
+    # A guard makes the plain loop propose batch_end; observers alone are called
+    # directly (a single one without the loop around it, hence "alone").
     hooks = BatchEndHooks(kind, at=2)
-    loop, recorder = assert_same(train=4, val=2, batch_end=True, extra=[hooks])
+    loop, recorder = assert_same(train=4, val=2, batch_end=recorded, extra=[hooks])
     assert plain_calls == [1]
     ends = [entry for entry in recorder.seen if entry[0] is Event.BATCH_END]
-    assert len(ends) == 3  # batches 0, 1 and 2: the guard's stop takes the end, then winds down
+    # Batches 0, 1 and 2: the guard's stop takes the end, then winds down.
+    assert len(ends) == (3 if recorded else 0)
+    assert recorder.seen[-1][0] is Event.FIT_END
     if kind == "guard":
         assert loop.stop_reason == "guarded"
     else:

@@ -100,12 +100,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+#: The only types :func:`_json_safe` may change (a tuple: ``float | dict`` in the loop
+#: would build a new union object per value).
+_MAYBE_UNSAFE: Final = (float, dict)
+
+
 def _finish(_: Any, __: str, event_dict: _EventDict) -> _EventDict:
     """Order the common fields first and make values strict-JSON safe."""
     ordered = {key: event_dict.pop(key) for key in FIELD_ORDER if key in event_dict}
     ordered.update(event_dict)
     for key, value in ordered.items():
-        if isinstance(value, float | dict):  # the only values _json_safe may change
+        if isinstance(value, _MAYBE_UNSAFE):
             ordered[key] = _json_safe(value)
     return ordered
 
