@@ -3,11 +3,12 @@
 A metric is anything with a ``name`` and ``reset`` / ``update`` / ``compute``
 (:class:`Metric`). The loop calls ``update`` once per batch, so that call sits on the
 hot path: the built-ins only detach the batch and append it to a Python list there.
-Every ``chunk`` batches, or when ``compute`` asks for the value, the buffer is
-concatenated and folded into accumulator tensors on the data's own device, so a
-whole chunk costs a handful of kernel launches and the host waits on the device only
-inside ``compute``. :func:`resolve_metrics` turns the user's list of names and
-objects into metrics, always with ``loss`` first.
+Every ``chunk`` batches (fewer for large outputs: :data:`BUFFER_ELEMENTS`), or when
+``compute`` asks for the value, the buffer is concatenated and folded into
+accumulator tensors on the data's own device, so a whole chunk costs a handful of
+kernel launches and the host waits on the device only inside ``compute``.
+:func:`resolve_metrics` turns the user's list of names and objects into metrics,
+always with ``loss`` first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor
 from statemachine_loop.errors import ConfigError
 
 __all__ = [
+    "BUFFER_ELEMENTS",
     "DEFAULT_CHUNK",
     "LOSS_CHUNK",
     "KNOWN_METRICS",
@@ -35,8 +37,13 @@ __all__ = [
     "top_k_accuracy",
 ]
 
-#: How many batches a built-in metric buffers before folding them on the device.
-DEFAULT_CHUNK = 64
+#: How many batches a built-in prediction metric buffers, at most, before folding them
+#: on the device (see :data:`BUFFER_ELEMENTS` for the other bound).
+DEFAULT_CHUNK = 1024
+#: The output elements a prediction metric buffers, at most (16 MiB of float32): its
+#: chunk is cut to ``BUFFER_ELEMENTS // output.numel()`` batches, sized on each phase's
+#: first batch, so small outputs fold rarely and large ones never pile up.
+BUFFER_ELEMENTS = 1 << 22
 #: The loss buffers only a scalar per batch, so it can afford a much longer chunk.
 LOSS_CHUNK = 1024
 
@@ -214,19 +221,26 @@ class _PredictionMetric(_BufferedMetric[tuple[Tensor, Tensor]]):
     _min_classes = 1
     _binary = False
     _classes = 0  # 0 until the first batch of a phase has been inspected
+    _limit = 0  # batches buffered before a fold; 0 until sized on a phase's first batch
 
     def update(self, output: Tensor, target: Tensor, loss: Tensor, batch_size: int) -> None:
         """Buffer the detached output and the target."""
-        if self._classes == 0:
-            self._inspect(output, target)
+        if not self._limit:
+            self._first_batch(output, target)
         self._buffer.append((output.detach(), target))
-        if len(self._buffer) >= self.chunk:
+        if len(self._buffer) >= self._limit:
             self._flush()
 
     def reset(self) -> None:
         """Drop buffer and accumulators; the next batch's layout is checked again."""
         super().reset()
-        self._classes = 0
+        self._classes = self._limit = 0
+
+    def _first_batch(self, output: Tensor, target: Tensor) -> None:
+        """Check the layout (unless restored from a checkpoint) and size the chunk."""
+        if self._classes == 0:
+            self._inspect(output, target)
+        self._limit = max(1, min(self.chunk, BUFFER_ELEMENTS // max(1, output.numel())))
 
     def state_dict(self) -> dict[str, Any]:
         """Accumulators plus the layout read off the phase's first batch."""
@@ -236,6 +250,7 @@ class _PredictionMetric(_BufferedMetric[tuple[Tensor, Tensor]]):
         """Resume accumulating, with the layout already checked."""
         super().load_state_dict(state)
         self._binary, self._classes = bool(state["binary"]), int(state["classes"])
+        self._limit = 0
 
     def _inspect(self, output: Tensor, target: Tensor) -> None:
         binary = self._allow_binary and (output.ndim == 1 or output.shape[-1] == 1)

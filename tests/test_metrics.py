@@ -203,6 +203,35 @@ def test_accuracy_over_sequences_of_varying_length() -> None:
     assert metric.compute() == pytest.approx(accuracy_score(labels, predictions))
 
 
+@pytest.mark.parametrize("start", ["fresh", "restored", "reset"])
+def test_large_outputs_fold_before_the_chunk_fills(
+    monkeypatch: pytest.MonkeyPatch, start: str
+) -> None:
+    """The buffer holds at most BUFFER_ELEMENTS output elements, whatever the chunk says."""
+    monkeypatch.setattr("statemachine_loop.metrics.BUFFER_ELEMENTS", 100)
+    batches = _multiclass(seed=3, sizes=[8, 8, 8, 8, 8, 3], classes=5)  # 40 elements a batch
+    metric = accuracy(chunk=1000)
+    if start == "reset":  # a phase of small outputs before: the chunk is sized again
+        metric.update(torch.randn(1, 5), torch.zeros(1, dtype=torch.long), torch.tensor(0.0), 1)
+        metric.reset()
+    if (
+        start == "restored"
+    ):  # the layout comes from a checkpoint; the chunk is still sized per batch
+        metric.update(*batches[0], torch.tensor(0.0), 8)
+        state = metric.state_dict()
+        metric = accuracy(chunk=1000)
+        metric.load_state_dict(state)
+        batches = batches[1:]
+    held = []
+    for output, target in batches:
+        metric.update(output, target, torch.tensor(0.0), len(target))
+        held.append(len(metric._buffer))  # type: ignore[attr-defined]
+    # 100 // 40 = 2 batches per fold: one held, folded with the second, and so on.
+    assert held == [1, 0] * (len(held) // 2) + [1] * (len(held) % 2)
+    everything = _multiclass(seed=3, sizes=[8, 8, 8, 8, 8, 3], classes=5)
+    assert metric.compute() == pytest.approx(_accuracy_oracle(everything))
+
+
 def test_multiclass_target_of_the_wrong_shape_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"\(\.\.\., classes\)"):
         accuracy().update(torch.randn(4, 3), torch.zeros(4, 3), torch.tensor(0.0), 4)
