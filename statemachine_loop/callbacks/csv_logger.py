@@ -187,13 +187,16 @@ class CSVLogger(Callback):
         if blank or len(values) != len(batches):
             found = iter([number % value for value in values])
             cells = ["" if index in blank else next(found, "") for index in range(len(batches))]
+            row = f"{head}%d{tail}%s{blanks}\n"
+            lines = [row % pair for pair in zip(batches, cells, strict=True)]
+            last_cell = cells[-1]
         else:  # every row has its loss: the usual case, one format per row
-            cells = [number % value for value in values]
-        row = f"{head}%d{tail}%s{blanks}\n"
-        lines = [row % pair for pair in zip(batches, cells, strict=True)]
+            row = f"{head}%d{tail}{number}{blanks}\n"
+            lines = [row % pair for pair in zip(batches, values, strict=True)]
+            last_cell = number % values[-1]
         if finals:
             last = "".join(f",{_number(finals.get(name))}" for name in self._columns[1:])
-            lines[-1] = f"{head}{batches[-1]}{tail}{cells[-1]}{last}\n"
+            lines[-1] = f"{head}{batches[-1]}{tail}{last_cell}{last}\n"
         self._write("".join(lines))
 
     def _write(self, text: str) -> None:
