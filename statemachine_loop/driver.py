@@ -324,8 +324,8 @@ class Driver:
                     # Held through the next batch, output and loss would keep this
                     # batch's graph alive past the next one's (slowing every
                     # allocation); the locals still have them for _settle_plain.
-                    self.last_step_output = self.last_step_loss = None
                     stage = _ENDED
+                    self.last_step_output = self.last_step_loss = None
         except BaseException:
             if stage != _SETTLED:
                 ran = batch_index - first + (stage != _FETCHED)
