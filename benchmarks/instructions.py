@@ -13,9 +13,12 @@ Method. Each contender runs in its own process under ``valgrind --tool=callgrind
 parent then switches instrumentation on (``callgrind_control -i on``), lets the
 child run ``--fits`` fits, and switches it off again, so the count covers exactly
 those fits — the loop's per-fit set-up included. Everything allocated before is frozen out of the
-garbage collector's reach (``gc.freeze``), as in ``overhead.py``. Instructions are
-not time (cache misses and branch mispredictions are not counted), so this is a
-lower bound on the overhead and a noise-free way to see a change's effect.
+garbage collector's reach (``gc.freeze``), as in ``overhead.py``. Children run with
+``PYTHONHASHSEED=0``: string hashing, and with it every dict's layout, is otherwise
+randomised per process, which moved counts by up to ~0.5 % between identical runs.
+Instructions are not time (cache misses and branch mispredictions are not counted),
+so this is a lower bound on the overhead and a noise-free way to see a change's
+effect: two runs of the same commit give the same count.
 Needs ``valgrind`` on the PATH; takes about 40 s per contender.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import re
 import shutil
 import subprocess
@@ -87,6 +91,9 @@ def count(contender: str, fits: int) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # String hashing is randomised per process, and with it dict and set layouts:
+        # up to ~0.5 % of a step's instructions. One seed makes runs comparable.
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     assert process.stdin is not None and process.stdout is not None
     for expected, switch in (("ready", "on"), ("done", "off")):
