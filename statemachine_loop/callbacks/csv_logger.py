@@ -143,8 +143,8 @@ class CSVLogger(Callback):
         loss = loop.last_step_loss  # reset to None when each batch is fetched
         if loss is None:
             self._blank.add(len(self._batches))
-        else:
-            self._losses.add(loop, loss)
+        elif not self._losses.recorded or loop.stop_reason is not None:
+            self._losses.keep(len(self._batches) - len(self._blank), loss)
         self._batches.append(loop.batch_index)
 
     def on_training_end(self, loop: TrainingLoop) -> None:
@@ -177,7 +177,7 @@ class CSVLogger(Callback):
         self._next_flush = monotonic() + self._flush_every
         if not batches:
             return
-        values, dtype = self._losses.take(loop)
+        values, dtype = self._losses.take(loop, len(batches) - len(blank))
         # Nine significant digits give back every float32 (and float16) exactly and
         # cost half what the shortest repr of the widened double costs.
         number = "%r" if dtype == torch.float64 else "%.9g"

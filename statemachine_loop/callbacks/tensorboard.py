@@ -125,11 +125,12 @@ class TensorBoardLogger(Callback):
         loss = loop.last_step_loss  # reset to None when each batch is fetched
         if loss is None:
             return  # no loss this batch (a stop before its forward pass)
+        if not self._losses.recorded or loop.stop_reason is not None:
+            self._losses.keep(len(self._steps), loss)
         count = loop.batch_count
         self._steps.append(
             self._step if count is None else loop.epoch_index * count + loop.batch_index
         )
-        self._losses.add(loop, loss)
         self._rates.append(loop.optimizer.param_groups[0]["lr"])
         self._step += 1
         if monotonic() >= self._next_flush:
@@ -167,7 +168,7 @@ class TensorBoardLogger(Callback):
         steps, rates = self._steps, self._rates
         self._steps, self._rates = [], []
         writer = self._writer("training")
-        values, _ = self._losses.take(loop)
+        values, _ = self._losses.take(loop, len(steps))
         for step, value, rate in zip(steps, values, rates, strict=True):
             writer.add_scalar("batch/loss", value, step)
             writer.add_scalar("batch/learning_rate", float(rate), step)
