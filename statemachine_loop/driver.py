@@ -259,7 +259,11 @@ class Driver:
         batch_state, update_state = moves
         end = engine.observed_move(BATCH_END, update_state)
         guarded = end is None  # then batch_end is proposed, and its guards run
-        end_state, observe_end = (phase_state, None) if end is None else end
+        if end is None:  # where the proposal will lead, read off the machine all the same
+            end_state, observe_end = engine.destination(BATCH_END, update_state), None
+            assert end_state is not None  # batch_end always leaves updating
+        else:
+            end_state, observe_end = end
         hooked = guarded or observe_end is not None
         observe_end = observe_end or _unobserved
         states = (phase_state, batch_state, update_state, end_state)
