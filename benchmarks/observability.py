@@ -40,16 +40,14 @@ of the paired per-round ratios, and the overhead in µs per step.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
-import gc
 import io
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +62,7 @@ from statemachine_loop.callbacks.csv_logger import CSVLogger
 from statemachine_loop.callbacks.progress import ProgressBar
 from statemachine_loop.callbacks.structured import StructuredLogger
 
-from _report import load_average, machine_meta, run_line, write_report
+from _report import frozen_heap, load_average, machine_meta, run_line, write_report
 
 CONTENDERS = ("raw", "loop", "observed")
 #: Wall-clock time, and the process's CPU time (which leaves out time spent
@@ -148,17 +146,6 @@ def _timed(run: Callable[[], object]) -> tuple[int, int]:
     return time.perf_counter_ns() - wall, time.process_time_ns() - cpu
 
 
-@contextlib.contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """Everything allocated so far out of the collector's reach while timing (as overhead.py)."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def measure(*, rounds: int, warmup: int, epochs: int, steps: int) -> dict[str, Any]:
     """Time interleaved rounds of the three contenders; return a summary."""
     inputs = torch.randn(steps * 10, 10)
@@ -181,7 +168,7 @@ def measure(*, rounds: int, warmup: int, epochs: int, steps: int) -> dict[str, A
         times: dict[str, dict[str, list[float]]] = {
             clock: {name: [] for name in CONTENDERS} for clock in CLOCKS
         }
-        with _frozen_heap():
+        with frozen_heap():
             for index in range(warmup + rounds):
                 shift = index % len(CONTENDERS)
                 for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
@@ -233,7 +220,7 @@ def measure_fixed(*, rounds: int) -> dict[str, float]:
             observed_loop(data, optimizer, Path(tmp), watched=watched) for watched in (False, True)
         ]
         pairs: dict[str, list[float]] = {clock: [] for clock in CLOCKS}
-        with _frozen_heap():
+        with frozen_heap():
             for index in range(rounds + 3):
                 bare, watched = (_timed(functools.partial(loop.fit, model, 1)) for loop in loops)
                 if index >= 3:

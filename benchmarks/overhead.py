@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import inspect
 import statistics
 import subprocess
@@ -58,7 +57,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from statemachine_loop import TrainingLoop
 
-from _report import load_average, machine_meta, run_line, write_report
+from _report import frozen_heap, load_average, machine_meta, run_line, write_report
 
 CONTENDERS = ("raw", "compiled", "transitions")
 
@@ -177,18 +176,13 @@ def measure(workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int) 
     }
     steps = epochs * len(data)
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    # Freeze what exists now (torch's modules, the data) out of the collector's reach, so
-    # a collection costs what the fits themselves allocate, as in a user's program. No
-    # gc.collect() before each fit: it evicts the caches and adds ~0.6 ms to the next.
-    gc.collect()
-    gc.freeze()
-    for index in range(warmup + rounds):
-        shift = index % len(CONTENDERS)
-        for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
-            elapsed = _timed(runs[name])
-            if index >= warmup:
-                times[name].append(elapsed / 1e3 / steps)  # µs per step
-    gc.unfreeze()
+    with frozen_heap():  # torch's modules and the data out of the collector's reach
+        for index in range(warmup + rounds):
+            shift = index % len(CONTENDERS)
+            for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
+                elapsed = _timed(runs[name])
+                if index >= warmup:
+                    times[name].append(elapsed / 1e3 / steps)  # µs per step
     return summarize(workload, times, steps=steps, epochs=epochs)
 
 

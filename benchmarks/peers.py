@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import logging
 import statistics
 import sys
@@ -86,7 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _report import load_average, machine_meta, run_line, write_report
+from _report import frozen_heap, load_average, machine_meta, run_line, write_report
 
 LEARNING_RATE = 0.01
 BATCH = 10
@@ -369,9 +368,7 @@ def measure(
     """Interleaved rounds: per contender, one long fit and the best of three 1-step fits."""
     models = {c.name: copy.deepcopy(initial) for c in contenders}
     times: dict[str, dict[str, list[float]]] = {c.name: {"long": [], "one": []} for c in contenders}
-    gc.collect()
-    gc.freeze()
-    try:
+    with frozen_heap():
         for index in range(warmup + rounds):
             shift = index % len(contenders)
             for contender in contenders[shift:] + contenders[:shift]:
@@ -385,8 +382,6 @@ def measure(
                 if index >= warmup:
                     for kind, microseconds in elapsed.items():
                         times[contender.name][kind].append(microseconds)
-    finally:
-        gc.unfreeze()
     return times
 
 
