@@ -93,6 +93,18 @@ class HookMap:
     observers: dict[Event, tuple[Hook, ...]]
     #: Per event, the names of the observers that may return ``Stop``.
     stoppers: dict[Event, frozenset[str]]
+    #: The events with at least one guard, and with at least one observer: all an
+    #: engine's per-event plan depends on, so an engine can reuse an earlier fit's.
+    guarded: frozenset[Event] = attrs.field(init=False)
+    observed: frozenset[Event] = attrs.field(init=False)
+
+    @guarded.default
+    def _hooked_by_guards(self) -> frozenset[Event]:
+        return frozenset(filter(self.guards.get, self.guards))  # filtered in C
+
+    @observed.default
+    def _hooked_by_observers(self) -> frozenset[Event]:
+        return frozenset(filter(self.observers.get, self.observers))
 
 
 def callback_name(callback: object) -> str:

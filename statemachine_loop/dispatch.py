@@ -477,15 +477,25 @@ class CompiledEngine(Engine):
         #: Per event, ``{source: destination}`` read off the machine (the same every fit).
         self._moves = moves
         self._plans: dict[Event, _Plan] = {}
+        # Plans by the hooked events, for one mapping of entries (a loop's own, the
+        # same every fit): a loop refitted with the same kinds of callbacks reuses them.
+        self._plan_cache: dict[tuple[frozenset[Event], frozenset[Event]], dict[Event, _Plan]]
+        self._plan_cache = {}
+        self._planned_entries: Mapping[Event, Callable[[], None]] | None = None
 
     def _compile(self, hooks: HookMap, entries: Mapping[Event, Callable[[], None]]) -> None:
-        moves = self._moves
-        self._plans = {}
-        for event in ALL_EVENTS:
-            entry = entries.get(event)
-            guarded, observed = bool(hooks.guards[event]), bool(hooks.observers[event])
-            bare = entry is None and not guarded and not observed
-            self._plans[event] = (moves[event], entry, guarded, observed, bare)
+        if entries is not self._planned_entries:
+            self._plan_cache, self._planned_entries = {}, entries
+        key = (hooks.guarded, hooks.observed)
+        plans = self._plan_cache.get(key)
+        if plans is None:
+            plans = self._plan_cache[key] = {}
+            for event in ALL_EVENTS:
+                entry = entries.get(event)
+                guarded, observed = event in hooks.guarded, event in hooks.observed
+                bare = entry is None and not guarded and not observed
+                plans[event] = (self._moves[event], entry, guarded, observed, bare)
+        self._plans = plans
 
     def bare_moves(self, events: Sequence[Event], state: str) -> tuple[str, ...] | None:
         """The states ``events`` lead through from ``state`` (see :meth:`Engine.bare_moves`)."""

@@ -95,7 +95,12 @@ def _generators(data: object) -> list[torch.Generator]:
         samplers = [data.sampler, getattr(data.batch_sampler, "sampler", None)]
         candidates = [data.generator, *(getattr(s, "generator", None) for s in samplers)]
         for generator in candidates:
-            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            # ``is not None`` first: torch.Generator's isinstance check runs in Python.
+            if (
+                generator is not None
+                and isinstance(generator, torch.Generator)
+                and all(generator is not g for g in found)
+            ):
                 found.append(generator)
     return found
 

@@ -104,8 +104,8 @@ def needs_move(batch: Any, device: torch.device) -> bool:
     """Whether any tensor in a (nested) batch is not already on ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.device != device
+    if isinstance(batch, list | tuple):  # before Mapping, whose isinstance check is slower
+        return any(needs_move(value, device) for value in batch)
     if isinstance(batch, Mapping):
         return any(needs_move(value, device) for value in batch.values())
-    if isinstance(batch, list | tuple):
-        return any(needs_move(value, device) for value in batch)
     return False

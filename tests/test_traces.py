@@ -293,3 +293,21 @@ def test_second_fit_repeats_the_trace(engine: str) -> None:
     loop.fit(model, 2)
     assert recorder.events == fit_trace(1, 2, 1) + fit_trace(2, 2, 1)
     assert fit_trace(2, 2, 1) == fit_of(epoch_trace(2, 1), epoch_trace(2, 1))
+
+
+def test_each_fit_follows_its_own_hooks(engine: str) -> None:
+    """Refitting one loop with other callbacks changes what is hooked: the engine's
+    per-event plans (the compiled engine keeps them per set of hooked events) follow."""
+    model = make_model()
+    loop = make_loop(engine, model, train=2)
+    veto, recorder = Inject(ES, Veto("rest"), at=None), TraceRecorder()
+    fits = [[], [recorder], [veto, recorder], [recorder], [veto, recorder], []]
+    traces, trained = [], []
+    for callbacks in fits:
+        recorder.clear()
+        history = loop.fit(model, 1, callbacks=callbacks)
+        traces.append(recorder.events if recorder in callbacks else None)
+        trained.append(len(history.training))
+    vetoed, ordinary = fit_of(), fit_of(epoch_trace(2))
+    assert traces == [None, ordinary, vetoed, ordinary, vetoed, None]
+    assert trained == [1, 1, 0, 1, 0, 1]
