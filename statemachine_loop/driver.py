@@ -245,10 +245,10 @@ class Driver:
         ``batch_start`` or ``update_start``: their proposals could only move the
         machine, so the loop calls model, loss and optimizer inline and keeps its
         progress through a batch in a local ``stage``. What hooks read — the machine's
-        state, ``last_step_*``, ``batches_run`` — is written only where a hook can
-        run: before a hooked ``batch_end``, when the phase ends, and when anything
-        raises (:meth:`_settle_plain`), so each hook, the wind-down included, sees
-        what the general loop would show. ``batch_index`` is kept current throughout.
+        state, ``batch_index``, ``last_step_*``, ``batches_run`` — is written only
+        where a hook can run: before a hooked ``batch_end``, when the phase ends, and
+        when anything raises (:meth:`_settle_plain`), so each hook, the wind-down
+        included, sees what the general loop would show.
         ``batch_end`` is proposed when a guard hooks it; with observers only, the
         loop moves the machine and calls them (:meth:`Engine.observer_call`).
         """
@@ -270,7 +270,7 @@ class Driver:
         model, loss_fn, optimizer = self.model, self._loss_fn, self.optimizer
         metrics, tensor = self._metrics, torch.Tensor
         split, backward = self._step.split, torch.autograd.backward
-        move = self._move
+        move, pairs = self._move, (list, tuple)  # DataLoader yields lists
         base = self.batches_run
         runs_before = base - first + 1  # + batch_index: batches_run once that batch started
         # The locals hold the previous values until this phase's first batch replaces
@@ -282,12 +282,10 @@ class Driver:
         try:
             for batch_index, batch in enumerate(data, first):
                 stage = _FETCHED
-                self.batch_index = batch_index
                 if move is not _unchanged:
                     batch = move(batch)
                     move = self._move
-                kind = type(batch)
-                if (kind is list or kind is tuple) and len(batch) == 2:  # DataLoader gives lists
+                if type(batch) in pairs and len(batch) == 2:
                     inputs, target = batch
                 else:
                     inputs, target = split(batch)
@@ -304,14 +302,18 @@ class Driver:
                 stage = _UPDATING
                 optimizer.step()
                 optimizer.zero_grad()
-                if type(target) is tensor and target.ndim:
-                    size = target.shape[0]
+                if type(target) is tensor:
+                    try:
+                        size = target.shape[0]
+                    except IndexError:  # a 0-d target
+                        size = self._step.batch_size(inputs, target)
                 else:
                     size = self._step.batch_size(inputs, target)
                 for metric in metrics:
                     metric.update(output, target, loss, size)
                 stage = _ENDED
                 if hooked:  # what _settle_plain writes at _ENDED, inline: it runs per batch
+                    self.batch_index = batch_index
                     self.last_step_input, self.last_step_target = inputs, target
                     self.last_step_output, self.last_step_loss = output, loss
                     self._phase_ran = True
@@ -333,17 +335,20 @@ class Driver:
         except BaseException:
             if stage != _SETTLED:
                 ran = batch_index - first + (stage != _FETCHED)
-                self._settle_plain(stage, ran, base, states, inputs, target, output, loss)
+                self._settle_plain(
+                    stage, batch_index, ran, base, states, inputs, target, output, loss
+                )
             raise
         if stage != _SETTLED:
             ran = batch_index - first + 1
-            self._settle_plain(stage, ran, base, states, inputs, target, output, loss)
+            self._settle_plain(stage, batch_index, ran, base, states, inputs, target, output, loss)
         self._next_batch = MID_BATCH
         propose(TRAINING_END)
 
     def _settle_plain(
         self,
         stage: int,
+        batch_index: int,
         ran: int,
         base: int,
         states: tuple[str, str, str, str],
@@ -354,6 +359,7 @@ class Driver:
     ) -> None:
         """Write what the general loop would show at ``stage`` of the plain loop's batch.
 
+        ``batch_index`` is the loop's local index (of the last batch fetched);
         ``ran`` counts the batches this loop started, the current one included once
         it started; ``base`` is ``batches_run`` before the loop. The values are the
         loop's locals: the current batch's from the stage that produced them on, the
@@ -365,7 +371,8 @@ class Driver:
         self.last_step_loss = None if stage < _SCORED else loss
         if stage == _ENDED and ran == 0:  # no batch was fetched: nothing else moved
             return
-        self._next_batch = self.batch_index + 1 if stage == _ENDED else MID_BATCH
+        self.batch_index = batch_index
+        self._next_batch = batch_index + 1 if stage == _ENDED else MID_BATCH
         if ran:
             self._phase_ran = True
             self.batches_run = base + ran

@@ -372,6 +372,29 @@ def test_bad_loss_and_bad_batch_say_what_is_wrong(plain_calls: list[int]) -> Non
     assert len(plain_calls) == 2
 
 
+def test_scalar_targets_weigh_batches_by_their_inputs(plain_calls: list[int]) -> None:
+    """A 0-d target has no first dimension: ``Step.batch_size`` falls back to the input's."""
+    torch.manual_seed(3)
+    training = [(torch.randn(n, h.IN_FEATURES), torch.tensor(float(n))) for n in (1, 4, 2)]
+
+    def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((output - target) ** 2).mean()
+
+    loop, _ = assert_same(training=training, loss_fn=loss_fn, epochs=1)
+    assert plain_calls == [1]
+    model = h.make_model()  # the weights assert_same started from
+    losses = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for inputs, target in training:
+        loss = loss_fn(model(inputs), target)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append((loss.item(), len(inputs)))
+    expected = sum(value * n for value, n in losses) / sum(n for _, n in losses)
+    assert loop.history.training[0]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_hooked_batches_and_custom_steps_take_the_general_loop(plain_calls: list[int]) -> None:
     class Watch(Callback):
         def guard_update_start(self, loop: TrainingLoop) -> None:
