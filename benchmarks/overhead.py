@@ -35,6 +35,14 @@ caches and add about 0.6 ms to the fit after it. Reported per model and contende
 and median over rounds; the ratio of best-of-rounds times (``best / best raw``); the
 median of the paired ratios ``t_i / raw_i`` of the same round, with their quartiles;
 and the overhead in µs per step (best minus best raw).
+
+Part of that overhead does not grow with the number of batches: checking the
+arguments and preparing the engine once per ``fit``, opening and closing the epoch and
+phase scopes once per epoch. It is measured on its own, as the median of paired
+differences between fits of ``compiled`` and ``raw`` with the same epochs of one batch
+each (interleaved, same heap treatment), and reported in µs per fit, with the ratio of
+best times once it is taken out (``(best - fixed / steps) / best raw``): what a batch
+costs in epochs long enough for the set-up not to matter.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from statemachine_loop import TrainingLoop
 
@@ -183,7 +191,41 @@ def measure(workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int) 
                 elapsed = _timed(runs[name])
                 if index >= warmup:
                     times[name].append(elapsed / 1e3 / steps)  # µs per step
-    return summarize(workload, times, steps=steps, epochs=epochs)
+    result = summarize(workload, times, steps=steps, epochs=epochs)
+    fixed = measure_fixed(workload, rounds=rounds, epochs=epochs)
+    compiled = result["contenders"]["compiled"]
+    result["compiled_fixed_us_per_fit"] = fixed
+    result["compiled_ratio_of_best_without_setup"] = (
+        compiled["best_us_per_step"] - fixed / steps
+    ) / result["contenders"]["raw"]["best_us_per_step"]
+    return result
+
+
+def measure_fixed(workload: dict[str, Any], *, rounds: int, epochs: int) -> float:
+    """What ``compiled`` adds per fit of ``epochs`` epochs, whatever their length, in µs.
+
+    Fits of ``epochs`` epochs of one batch each, ``raw`` and ``compiled`` interleaved
+    (the order alternating); the median of the paired differences, which includes
+    those few batches' own overhead (a few µs).
+    """
+    model, loss_fn, batches = workload["model"], workload["loss_fn"], workload["data"]
+    size = batches.batch_size or 1
+    one = DataLoader(Subset(batches.dataset, range(size)), batch_size=size)
+    optimizer = workload["optimizer"](model.parameters())
+    loop = bare_loop(training=one, optimizer=optimizer, loss_fn=loss_fn)
+    runs = (
+        lambda: raw_fit(model, one, optimizer, loss_fn, epochs),
+        lambda: loop.fit(model, epochs),
+    )
+    differences: list[float] = []
+    with frozen_heap():
+        for index in range(rounds + 3):
+            order = runs if index % 2 else runs[::-1]
+            first, second = (_timed(run) for run in order)
+            raw, compiled = (first, second) if index % 2 else (second, first)
+            if index >= 3:
+                differences.append((compiled - raw) / 1e3)
+    return statistics.median(differences)
 
 
 def summarize(
@@ -239,6 +281,12 @@ def print_table(name: str, result: dict[str, Any]) -> None:
             f"{row['ratio_of_best']:>14.4f}x{row['median_paired_ratio']:>14.4f}x"
             f"{f'{low:.3f}-{high:.3f}':>17}{row['overhead_us_per_step']:>18.2f}"
         )
+    fixed = result["compiled_fixed_us_per_fit"]
+    print(
+        f"  compiled's set-up per fit (median of paired fits of 1-batch epochs): {fixed:.0f} µs, "
+        f"{fixed / result['steps_per_round']:.2f} µs a step at this length; without it, "
+        f"ratio of best {result['compiled_ratio_of_best_without_setup']:.4f}x"
+    )
 
 
 def _commit() -> str | None:

@@ -64,6 +64,8 @@ def test_overhead_quick_writes_json(tmp_path: Path) -> None:
             lists = {"us_per_step_by_round", "paired_ratio_quartiles"}
             for key in ROW_KEYS - lists - {"overhead_us_per_step"}:
                 assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+        assert math.isfinite(result["compiled_fixed_us_per_fit"])
+        assert result["compiled_ratio_of_best_without_setup"] > 0
         raw = result["contenders"]["raw"]
         assert raw["ratio_of_best"] == 1.0
         assert raw["overhead_us_per_step"] == 0.0
