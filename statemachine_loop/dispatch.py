@@ -489,12 +489,13 @@ class CompiledEngine(Engine):
         key = (hooks.guarded, hooks.observed)
         plans = self._plan_cache.get(key)
         if plans is None:
-            plans = self._plan_cache[key] = {}
+            plans = {}
             for event in ALL_EVENTS:
                 entry = entries.get(event)
                 guarded, observed = event in hooks.guarded, event in hooks.observed
                 bare = entry is None and not guarded and not observed
                 plans[event] = (self._moves[event], entry, guarded, observed, bare)
+            self._plan_cache[key] = plans
         self._plans = plans
 
     def bare_moves(self, events: Sequence[Event], state: str) -> tuple[str, ...] | None:
