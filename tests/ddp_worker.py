@@ -312,6 +312,7 @@ def main(argv: list[str]) -> int:
         os.replace(partial, out / f"{name}.rank{rank}.pt")
         print(f"rank {rank}: {name} done in {result['elapsed']:.2f}s", flush=True)
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
     return 0
 
