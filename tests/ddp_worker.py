@@ -16,6 +16,7 @@ size, so both see the same global batches.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import signal
@@ -313,6 +314,7 @@ def main(argv: list[str]) -> int:
         print(f"rank {rank}: {name} done in {result['elapsed']:.2f}s", flush=True)
     if dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another still uses it
+        gc.collect()  # the scenarios' loops (and their DDP wrappers, which hold it) first
         dist.destroy_process_group()
     return 0
 
