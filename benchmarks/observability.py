@@ -6,6 +6,7 @@ never fails on a number. Run it on a quiet machine::
     python benchmarks/observability.py                 # 31 rounds
     python benchmarks/observability.py --rounds 41 --json run/observability.json
     python benchmarks/observability.py --quick         # a few tiny rounds (smoke test)
+    python benchmarks/observability.py --processes 8   # in 8 fresh processes, pooled
 
 Workload: the tutorial model, ``Linear(10,50)-ReLU-Linear(50,1)``, MSE, SGD, batch 10,
 on the CPU with ``torch.set_num_threads(1)``; the targets are 0/1 so accuracy (one
@@ -34,7 +35,10 @@ with the most code to reload (the observed loop's fixed cost read 1.14-1.23 ms a
 with a collection before each fit, 0.71 ms without). Reported for wall-clock time
 and for process CPU time (steadier on a shared machine, where a process waits for a
 core): µs per step (best and median), the ratio of best-of-rounds times, the median
-of the paired per-round ratios, and the overhead in µs per step.
+of the paired per-round ratios, and the overhead in µs per step. ``--processes N``
+repeats the whole run in N fresh processes and reports each ratio's mean, standard
+error and range over them, as ``benchmarks/overhead.py`` does (one process is one
+draw of the memory layout, which moves a ratio by up to about 1 %).
 """
 
 from __future__ import annotations
@@ -62,7 +66,16 @@ from statemachine_loop.callbacks.csv_logger import CSVLogger
 from statemachine_loop.callbacks.progress import ProgressBar
 from statemachine_loop.callbacks.structured import StructuredLogger
 
-from _report import frozen_heap, load_average, machine_meta, run_line, write_report
+from _report import (
+    fresh_processes,
+    frozen_heap,
+    load_average,
+    machine_meta,
+    print_spread,
+    run_line,
+    spread,
+    write_report,
+)
 
 CONTENDERS = ("raw", "loop", "observed")
 #: Wall-clock time, and the process's CPU time (which leaves out time spent
@@ -251,6 +264,48 @@ def print_table(result: dict[str, Any]) -> None:
             )
 
 
+def pooled_runs(
+    argv: list[str], processes: int, *, quick: bool, json: Path | None
+) -> dict[str, Any]:
+    """Run this script with ``argv`` in ``processes`` fresh processes; print and pool the ratios."""
+    load = load_average()
+    print(f"{run_line(load)}, {processes} processes: {' '.join(argv)}")
+    reports = []
+    for index, report in enumerate(fresh_processes(Path(__file__), argv, processes), 1):
+        reports.append(report)
+        cells = ", ".join(
+            f"{name} {row['ratio_of_best']:.4f}x / {row['median_paired_ratio']:.4f}x"
+            for name, row in report["tutorial"]["clocks"]["wall"].items()
+            if name != "raw"
+        )
+        print(f"  process {index}: wall clock, ratio of best / median paired: {cells}")
+    pooled = {
+        clock: {
+            name: {
+                ratio: spread([r["tutorial"]["clocks"][clock][name][ratio] for r in reports])
+                for ratio in ("ratio_of_best", "median_paired_ratio")
+            }
+            for name in CONTENDERS
+        }
+        for clock in CLOCKS
+    }
+    for clock, contenders in pooled.items():
+        title = f"{clock} clock, over {processes} processes: mean ± standard error (range)"
+        print_spread(title, contenders)
+    report = {
+        "meta": {
+            **machine_meta(load),
+            "processes": processes,
+            **{key: reports[0]["meta"][key] for key in ("rounds", "warmup")},
+            "quick": quick,
+        },
+        "pooled": pooled,
+        "processes": reports,
+    }
+    write_report(json, report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the flags, measure, print the table, write JSON if asked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -259,6 +314,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per fit (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="batches per epoch (default 500)")
     parser.add_argument("--quick", action="store_true", help="a few tiny rounds (smoke test)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="repeat the whole run in this many fresh processes and pool them (default 1)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     defaults = (
@@ -270,9 +331,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         defaults[key] if getattr(args, key) is None else getattr(args, key)
         for key in ("rounds", "warmup", "epochs", "steps")
     )
-    if rounds < 1 or warmup < 0 or epochs < 1 or steps < 1:
-        parser.error("--rounds, --epochs and --steps must be >= 1, --warmup >= 0")
+    if rounds < 1 or warmup < 0 or epochs < 1 or steps < 1 or args.processes < 1:
+        parser.error("--rounds, --epochs, --steps and --processes must be >= 1, --warmup >= 0")
     torch.set_num_threads(1)
+    if args.processes > 1:
+        child = ["--rounds", rounds, "--warmup", warmup, "--epochs", epochs, "--steps", steps]
+        return pooled_runs(list(map(str, child)), args.processes, quick=args.quick, json=args.json)
     torch.manual_seed(0)
     load = load_average()
     print(f"{run_line(load)}, {rounds} rounds (+{warmup} warm-up), interleaved")

@@ -6,6 +6,7 @@ never fails on a number. Run it on a quiet machine::
     python benchmarks/overhead.py                 # 31 rounds, both models
     python benchmarks/overhead.py --rounds 41 --json run/overhead.json
     python benchmarks/overhead.py --quick         # a few tiny rounds (the smoke test)
+    python benchmarks/overhead.py --processes 8   # the whole run in 8 fresh processes, pooled
 
 Method. Everything runs in one process on the CPU with ``torch.set_num_threads(1)``.
 The same model, optimizer and ``DataLoader`` serve every contender:
@@ -43,6 +44,12 @@ differences between fits of ``compiled`` and ``raw`` with the same epochs of one
 each (interleaved, same heap treatment), and reported in µs per fit, with the ratio of
 best times once it is taken out (``(best - fixed / steps) / best raw``): what a batch
 costs in epochs long enough for the set-up not to matter.
+
+One process is one draw of where code and objects land in memory, which moves a
+ratio by up to about 1 % for the process's whole life; ``--processes N`` repeats the
+whole run in N fresh interpreters, one after another, and reports each ratio's mean
+over them with its standard error and range (the per-process reports are kept in the
+JSON).
 """
 
 from __future__ import annotations
@@ -65,9 +72,19 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from statemachine_loop import TrainingLoop
 
-from _report import frozen_heap, load_average, machine_meta, run_line, write_report
+from _report import (
+    fresh_processes,
+    frozen_heap,
+    load_average,
+    machine_meta,
+    print_spread,
+    run_line,
+    spread,
+    write_report,
+)
 
 CONTENDERS = ("raw", "compiled", "transitions")
+RATIOS = ("ratio_of_best", "median_paired_ratio")
 
 
 def bare_loop(**options: Any) -> TrainingLoop:
@@ -289,6 +306,53 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     )
 
 
+def pooled_runs(
+    argv: list[str], processes: int, *, quick: bool, json: Path | None
+) -> dict[str, Any]:
+    """Run this script with ``argv`` in ``processes`` fresh processes; print and pool the ratios."""
+    load = load_average()
+    print(
+        f"statemachine_loop {_commit()}, {run_line(load)}, {processes} processes: {' '.join(argv)}"
+    )
+    reports = []
+    for index, report in enumerate(fresh_processes(Path(__file__), argv, processes), 1):
+        reports.append(report)
+        cells = ", ".join(
+            f"{model} {row['ratio_of_best']:.4f}x / {row['median_paired_ratio']:.4f}x"
+            for model, result in report["models"].items()
+            for row in [result["contenders"]["compiled"]]
+        )
+        print(f"  process {index}: compiled, ratio of best / median paired: {cells}")
+    pooled = {
+        model: {
+            contender: {
+                ratio: spread([r["models"][model]["contenders"][contender][ratio] for r in reports])
+                for ratio in RATIOS
+            }
+            for contender in CONTENDERS
+        }
+        for model in reports[0]["models"]
+    }
+    for model, contenders in pooled.items():
+        print_spread(
+            f"{model}, over {processes} processes: mean ± standard error (range)", contenders
+        )
+    meta = reports[0]["meta"]
+    report = {
+        "meta": {
+            **machine_meta(load),
+            "commit": _commit(),
+            "processes": processes,
+            **{key: meta[key] for key in ("rounds", "warmup", "epochs", "steps_per_epoch")},
+            "quick": quick,
+        },
+        "pooled": pooled,
+        "processes": reports,
+    }
+    write_report(json, report)
+    return report
+
+
 def _commit() -> str | None:
     """The checkout's commit (``+dirty`` with uncommitted changes), if git can tell."""
     root = Path(__file__).resolve().parent.parent
@@ -323,6 +387,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="all",
         help="which workload to run",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="repeat the whole run in this many fresh processes and pool them (default 1)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     quick = {"rounds": 3, "warmup": 1, "epochs": 1, "steps": 5}
@@ -332,10 +402,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         defaults[key] if getattr(args, key) is None else getattr(args, key)
         for key in ("rounds", "warmup", "epochs", "steps")
     )
-    if rounds < 1 or warmup < 0 or epochs < 1 or steps < 1:
-        parser.error("--rounds, --epochs and --steps must be >= 1, --warmup >= 0")
+    if rounds < 1 or warmup < 0 or epochs < 1 or steps < 1 or args.processes < 1:
+        parser.error("--rounds, --epochs, --steps and --processes must be >= 1, --warmup >= 0")
+    torch.set_num_threads(1)  # before the branch: --processes reports the threads its runs use
+    if args.processes > 1:
+        child = ["--rounds", rounds, "--warmup", warmup, "--epochs", epochs, "--steps", steps]
+        return pooled_runs(
+            [*map(str, child), "--model", args.model],
+            args.processes,
+            quick=args.quick,
+            json=args.json,
+        )
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     factories = {"tutorial": (tutorial_workload, 10), "mnist_mlp": (mnist_workload, 64)}
     chosen = list(factories) if args.model == "all" else [args.model]

@@ -1,7 +1,8 @@
-"""Smoke test of ``benchmarks/overhead.py``: it runs and writes its JSON report.
+"""Smoke tests of ``benchmarks/overhead.py`` and ``observability.py``: they run and report.
 
 A benchmark is not a timed test: nothing here asserts on a time or a ratio, only that
-a tiny ``--quick`` run completes and reports every model and contender.
+a tiny ``--quick`` run completes and reports every model and contender, and that
+``--processes`` pools what its fresh processes reported.
 """
 
 from __future__ import annotations
@@ -85,3 +86,68 @@ def test_instructions_child_runs_its_fits_between_the_parent_signals() -> None:
         )
         assert completed.returncode == 0, completed.stderr
         assert completed.stdout.split() == ["ready", "done"]
+
+
+def _run(script: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARK.parent / script), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _check_spread(pooled: dict[str, dict[str, float]], values: list[float]) -> None:
+    """A pooled figure is the mean, standard error and range of the processes' own values."""
+    assert set(pooled) == {"ratio_of_best", "median_paired_ratio"}
+    assert len(values) == 2
+    for row in pooled.values():
+        assert set(row) == {"mean", "standard_error", "min", "max"}
+    best = pooled["ratio_of_best"]
+    assert math.isclose(best["mean"], sum(values) / 2)
+    assert best["min"] == min(values) and best["max"] == max(values)
+    assert math.isclose(best["standard_error"], abs(values[0] - values[1]) / 2)
+
+
+def test_overhead_pools_fresh_processes(tmp_path: Path) -> None:
+    report_path = tmp_path / "pooled.json"
+    flags = ["--quick", "--rounds", "2", "--steps", "3", "--model", "tutorial"]
+    completed = _run("overhead.py", *flags, "--processes", "2", "--json", str(report_path))
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.count("process ") == 2
+    report = json.loads(report_path.read_text())
+    assert report["meta"]["processes"] == 2
+    assert report["meta"]["rounds"] == 2
+    runs = report["processes"]
+    assert len(runs) == 2 and all(set(run["models"]) == {"tutorial"} for run in runs)
+    assert set(report["pooled"]["tutorial"]) == CONTENDERS
+    for contender, pooled in report["pooled"]["tutorial"].items():
+        values = [run["models"]["tutorial"]["contenders"][contender] for run in runs]
+        _check_spread(pooled, [value["ratio_of_best"] for value in values])
+
+
+def test_observability_quick_and_pooled(tmp_path: Path) -> None:
+    single = _run("observability.py", "--quick", "--json", str(tmp_path / "one.json"))
+    assert single.returncode == 0, single.stderr
+    one = json.loads((tmp_path / "one.json").read_text())["tutorial"]
+    assert one["csv_rows_per_fit"] == one["steps_per_round"]  # a CSV row per batch
+    assert set(one["clocks"]) == {"wall", "cpu"}
+
+    report_path = tmp_path / "pooled.json"
+    completed = _run("observability.py", "--quick", "--processes", "2", "--json", str(report_path))
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(report_path.read_text())
+    runs = report["processes"]
+    assert report["meta"]["processes"] == 2 and len(runs) == 2
+    for clock in ("wall", "cpu"):
+        assert set(report["pooled"][clock]) == {"raw", "loop", "observed"}
+        for name, pooled in report["pooled"][clock].items():
+            values = [run["tutorial"]["clocks"][clock][name]["ratio_of_best"] for run in runs]
+            _check_spread(pooled, values)
+
+
+def test_processes_must_be_positive() -> None:
+    completed = _run("overhead.py", "--quick", "--processes", "0")
+    assert completed.returncode == 2
+    assert "--processes" in completed.stderr
