@@ -6,7 +6,7 @@ one line describing the run, write a JSON report whose ``meta`` starts with the 
 fields, and time their rounds inside :func:`frozen_heap`; they import this module as a
 sibling (a script's own folder is first on ``sys.path``), which also works under
 ``.venv-peers``. ``overhead.py`` and ``observability.py`` also take ``--processes N``
-(:func:`fresh_processes`, :func:`spread`).
+(:func:`pool_processes`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +109,69 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def print_spread(title: str, contenders: dict[str, dict[str, dict[str, float]]]) -> None:
-    """A table of each contender's ratios over processes: mean ± standard error (lowest-highest)."""
-    print(f"\n{title}")
-    header = f"  {'contender':<12}{'ratio of best':>32}{'median paired':>32}"
-    print(header)
-    print("  " + "-" * (len(header) - 2))
-    for name, ratios in contenders.items():
-        cells = (
-            f"{row['mean']:.4f}x ± {row['standard_error']:.4f} ({row['min']:.3f}-{row['max']:.3f})"
-            for row in (ratios["ratio_of_best"], ratios["median_paired_ratio"])
+#: The ratios ``--processes`` pools, as every timing report names them.
+RATIOS = ("ratio_of_best", "median_paired_ratio")
+
+#: From one report, the tables to pool: a title for each, and in it a row per contender
+#: (the reference first) holding at least :data:`RATIOS`.
+Tables = Callable[[dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]
+
+
+def pool_processes(
+    script: Path,
+    argv: Sequence[str],
+    processes: int,
+    tables: Tables,
+    *,
+    load: tuple[float, float, float] | None,
+    meta: dict[str, Any],
+    json_path: Path | None,
+) -> dict[str, Any]:
+    """Run ``script`` in fresh processes (:func:`fresh_processes`) and pool its ratios.
+
+    Prints a line per process as it finishes and then, per table, each contender's
+    ratios over the processes: mean ± standard error (lowest-highest). Returns (and
+    writes to ``json_path``, if given) the pooled report: ``meta`` (the first
+    process's, then this machine's around the whole run from ``load`` on, then
+    ``meta``), ``pooled`` (``{table: {contender: {ratio: spread}}}``) and every
+    process's own report.
+    """
+    reports: list[dict[str, Any]] = []
+    for index, report in enumerate(fresh_processes(script, argv, processes), 1):
+        reports.append(report)
+        cells = "; ".join(
+            f"{title} "
+            + ", ".join(
+                f"{name} {row['ratio_of_best']:.4f}x / {row['median_paired_ratio']:.4f}x"
+                for name, row in list(rows.items())[1:]
+            )
+            for title, rows in tables(report).items()
         )
-        print(f"  {name:<12}" + "".join(f"{cell:>32}" for cell in cells))
+        print(f"  process {index}, ratio of best / median paired: {cells}")
+    pooled = {
+        title: {
+            name: {
+                ratio: spread([tables(r)[title][name][ratio] for r in reports]) for ratio in RATIOS
+            }
+            for name in rows
+        }
+        for title, rows in tables(reports[0]).items()
+    }
+    for title, contenders in pooled.items():
+        print(f"\n{title}, over {processes} processes: mean ± standard error (range)")
+        header = f"  {'contender':<12}{'ratio of best':>32}{'median paired':>32}"
+        print(header)
+        print("  " + "-" * (len(header) - 2))
+        for name, ratios in contenders.items():
+            print(f"  {name:<12}" + "".join(f"{_cell(ratios[ratio]):>32}" for ratio in RATIOS))
+    report = {
+        "meta": {**reports[0]["meta"], **machine_meta(load), **meta, "processes": processes},
+        "pooled": pooled,
+        "processes": reports,
+    }
+    write_report(json_path, report)
+    return report
+
+
+def _cell(row: dict[str, float]) -> str:
+    return f"{row['mean']:.4f}x ± {row['standard_error']:.4f} ({row['min']:.3f}-{row['max']:.3f})"

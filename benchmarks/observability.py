@@ -66,16 +66,7 @@ from statemachine_loop.callbacks.csv_logger import CSVLogger
 from statemachine_loop.callbacks.progress import ProgressBar
 from statemachine_loop.callbacks.structured import StructuredLogger
 
-from _report import (
-    fresh_processes,
-    frozen_heap,
-    load_average,
-    machine_meta,
-    print_spread,
-    run_line,
-    spread,
-    write_report,
-)
+from _report import frozen_heap, load_average, machine_meta, pool_processes, run_line, write_report
 
 CONTENDERS = ("raw", "loop", "observed")
 #: Wall-clock time, and the process's CPU time (which leaves out time spent
@@ -270,40 +261,15 @@ def pooled_runs(
     """Run this script with ``argv`` in ``processes`` fresh processes; print and pool the ratios."""
     load = load_average()
     print(f"{run_line(load)}, {processes} processes: {' '.join(argv)}")
-    reports = []
-    for index, report in enumerate(fresh_processes(Path(__file__), argv, processes), 1):
-        reports.append(report)
-        cells = ", ".join(
-            f"{name} {row['ratio_of_best']:.4f}x / {row['median_paired_ratio']:.4f}x"
-            for name, row in report["tutorial"]["clocks"]["wall"].items()
-            if name != "raw"
-        )
-        print(f"  process {index}: wall clock, ratio of best / median paired: {cells}")
-    pooled = {
-        clock: {
-            name: {
-                ratio: spread([r["tutorial"]["clocks"][clock][name][ratio] for r in reports])
-                for ratio in ("ratio_of_best", "median_paired_ratio")
-            }
-            for name in CONTENDERS
-        }
-        for clock in CLOCKS
-    }
-    for clock, contenders in pooled.items():
-        title = f"{clock} clock, over {processes} processes: mean ± standard error (range)"
-        print_spread(title, contenders)
-    report = {
-        "meta": {
-            **machine_meta(load),
-            "processes": processes,
-            **{key: reports[0]["meta"][key] for key in ("rounds", "warmup")},
-            "quick": quick,
-        },
-        "pooled": pooled,
-        "processes": reports,
-    }
-    write_report(json, report)
-    return report
+    return pool_processes(  # a table per clock, "wall" and "cpu", as each process reports it
+        Path(__file__),
+        argv,
+        processes,
+        lambda report: report["tutorial"]["clocks"],
+        load=load,
+        meta={"quick": quick},
+        json_path=json,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

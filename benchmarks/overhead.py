@@ -72,19 +72,9 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from statemachine_loop import TrainingLoop
 
-from _report import (
-    fresh_processes,
-    frozen_heap,
-    load_average,
-    machine_meta,
-    print_spread,
-    run_line,
-    spread,
-    write_report,
-)
+from _report import frozen_heap, load_average, machine_meta, pool_processes, run_line, write_report
 
 CONTENDERS = ("raw", "compiled", "transitions")
-RATIOS = ("ratio_of_best", "median_paired_ratio")
 
 
 def bare_loop(**options: Any) -> TrainingLoop:
@@ -314,43 +304,15 @@ def pooled_runs(
     print(
         f"statemachine_loop {_commit()}, {run_line(load)}, {processes} processes: {' '.join(argv)}"
     )
-    reports = []
-    for index, report in enumerate(fresh_processes(Path(__file__), argv, processes), 1):
-        reports.append(report)
-        cells = ", ".join(
-            f"{model} {row['ratio_of_best']:.4f}x / {row['median_paired_ratio']:.4f}x"
-            for model, result in report["models"].items()
-            for row in [result["contenders"]["compiled"]]
-        )
-        print(f"  process {index}: compiled, ratio of best / median paired: {cells}")
-    pooled = {
-        model: {
-            contender: {
-                ratio: spread([r["models"][model]["contenders"][contender][ratio] for r in reports])
-                for ratio in RATIOS
-            }
-            for contender in CONTENDERS
-        }
-        for model in reports[0]["models"]
-    }
-    for model, contenders in pooled.items():
-        print_spread(
-            f"{model}, over {processes} processes: mean ± standard error (range)", contenders
-        )
-    meta = reports[0]["meta"]
-    report = {
-        "meta": {
-            **machine_meta(load),
-            "commit": _commit(),
-            "processes": processes,
-            **{key: meta[key] for key in ("rounds", "warmup", "epochs", "steps_per_epoch")},
-            "quick": quick,
-        },
-        "pooled": pooled,
-        "processes": reports,
-    }
-    write_report(json, report)
-    return report
+    return pool_processes(
+        Path(__file__),
+        argv,
+        processes,
+        lambda report: {name: result["contenders"] for name, result in report["models"].items()},
+        load=load,
+        meta={"quick": quick},
+        json_path=json,
+    )
 
 
 def _commit() -> str | None:
