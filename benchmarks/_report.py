@@ -88,13 +88,19 @@ def fresh_processes(script: Path, argv: Sequence[str], processes: int) -> Iterat
     land in memory moves a contender's time by up to about 1 % for its whole life (two
     identical copies of the same code, timed in one process, read 1.3 % apart), and
     more rounds in the same process cannot average that out; runs in separate processes
-    can. A failing run stops the whole measurement with its own error output.
+    can. A failing run ends the measurement with its own error output and a line
+    saying which run it was.
     """
     with tempfile.TemporaryDirectory() as folder:
         for index in range(processes):
             path = Path(folder) / f"{index}.json"
             command = [sys.executable, str(script), *argv, "--json", str(path)]
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            returncode = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
+            if returncode != 0:
+                raise SystemExit(
+                    f"{script.name} run {index + 1} of {processes} failed with exit status "
+                    f"{returncode}; its error output is above."
+                )
             yield json.loads(path.read_text())
 
 

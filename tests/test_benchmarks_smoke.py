@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
 
 MODELS = {"tutorial", "mnist_mlp"}
@@ -151,3 +153,15 @@ def test_processes_must_be_positive() -> None:
     completed = _run("overhead.py", "--quick", "--processes", "0")
     assert completed.returncode == 2
     assert "--processes" in completed.stderr
+
+
+def test_a_failing_process_ends_the_pooled_run_saying_which(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))
+    import _report
+
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(SystemExit, match=r"fails\.py run 1 of 2 failed with exit status 3"):
+        list(_report.fresh_processes(script, [], 2))
