@@ -33,7 +33,7 @@ docs: $(STAMP)
 test: lint typecheck unit docs
 
 # Each timing benchmark runs in 8 fresh processes: one process is one draw of the memory
-# layout, which moves a ratio by up to ~1 % (docs/benchmarks.md). About 12 minutes.
+# layout, which moves a ratio by up to ~1 % (docs/benchmarks.md); the two take ~12 minutes.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py --processes 8 --json run/overhead.json
 	$(BIN)/python benchmarks/observability.py --processes 8 --json run/observability.json
