@@ -11,6 +11,7 @@ sibling (a script's own folder is first on ``sys.path``), which also works under
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import gc
@@ -81,6 +82,16 @@ def write_report(path: Path | None, report: dict[str, Any]) -> None:
     print(f"\nwrote {path}")
 
 
+def add_processes_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--processes N`` option of the timing benchmarks (see :func:`pool_processes`)."""
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="repeat the whole run in this many fresh processes and pool them (default 1)",
+    )
+
+
 def fresh_processes(script: Path, argv: Sequence[str], processes: int) -> Iterator[dict[str, Any]]:
     """Run ``script`` with ``argv`` in ``processes`` fresh interpreters, one after another.
 
@@ -129,19 +140,21 @@ def pool_processes(
     processes: int,
     tables: Tables,
     *,
-    load: tuple[float, float, float] | None,
+    headline: str,
     meta: dict[str, Any],
     json_path: Path | None,
 ) -> dict[str, Any]:
     """Run ``script`` in fresh processes (:func:`fresh_processes`) and pool its ratios.
 
-    Prints a line per process as it finishes and then, per table, each contender's
-    ratios over the processes: mean ± standard error (lowest-highest). Returns (and
-    writes to ``json_path``, if given) the pooled report: ``meta`` (the first
-    process's, then this machine's around the whole run from ``load`` on, then
-    ``meta``), ``pooled`` (``{table: {contender: {ratio: spread}}}``) and every
-    process's own report.
+    Prints ``headline`` with :func:`run_line` and ``argv``, a line per process as it
+    finishes and then, per table, each contender's ratios over the processes: mean ±
+    standard error (lowest-highest). Returns (and writes to ``json_path``, if given)
+    the pooled report: ``meta`` (the first process's, then this machine's around the
+    whole run, then ``meta``), ``pooled`` (``{table: {contender: {ratio: spread}}}``)
+    and every process's own report.
     """
+    load = load_average()
+    print(f"{headline}{run_line(load)}, {processes} processes: {' '.join(argv)}")
     reports: list[dict[str, Any]] = []
     for index, report in enumerate(fresh_processes(script, argv, processes), 1):
         reports.append(report)

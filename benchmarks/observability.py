@@ -66,7 +66,15 @@ from statemachine_loop.callbacks.csv_logger import CSVLogger
 from statemachine_loop.callbacks.progress import ProgressBar
 from statemachine_loop.callbacks.structured import StructuredLogger
 
-from _report import frozen_heap, load_average, machine_meta, pool_processes, run_line, write_report
+from _report import (
+    add_processes_option,
+    frozen_heap,
+    load_average,
+    machine_meta,
+    pool_processes,
+    run_line,
+    write_report,
+)
 
 CONTENDERS = ("raw", "loop", "observed")
 #: Wall-clock time, and the process's CPU time (which leaves out time spent
@@ -255,23 +263,6 @@ def print_table(result: dict[str, Any]) -> None:
             )
 
 
-def pooled_runs(
-    argv: list[str], processes: int, *, quick: bool, json: Path | None
-) -> dict[str, Any]:
-    """Run this script with ``argv`` in ``processes`` fresh processes; print and pool the ratios."""
-    load = load_average()
-    print(f"{run_line(load)}, {processes} processes: {' '.join(argv)}")
-    return pool_processes(  # a table per clock, "wall" and "cpu", as each process reports it
-        Path(__file__),
-        argv,
-        processes,
-        lambda report: report["tutorial"]["clocks"],
-        load=load,
-        meta={"quick": quick},
-        json_path=json,
-    )
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the flags, measure, print the table, write JSON if asked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -280,12 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per fit (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="batches per epoch (default 500)")
     parser.add_argument("--quick", action="store_true", help="a few tiny rounds (smoke test)")
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=1,
-        help="repeat the whole run in this many fresh processes and pool them (default 1)",
-    )
+    add_processes_option(parser)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     defaults = (
@@ -302,7 +288,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     if args.processes > 1:
         child = ["--rounds", rounds, "--warmup", warmup, "--epochs", epochs, "--steps", steps]
-        return pooled_runs(list(map(str, child)), args.processes, quick=args.quick, json=args.json)
+        return pool_processes(  # a table per clock, "wall" and "cpu", as each process reports it
+            Path(__file__),
+            list(map(str, child)),
+            args.processes,
+            lambda report: report["tutorial"]["clocks"],
+            headline="",
+            meta={"quick": args.quick},
+            json_path=args.json,
+        )
     torch.manual_seed(0)
     load = load_average()
     print(f"{run_line(load)}, {rounds} rounds (+{warmup} warm-up), interleaved")

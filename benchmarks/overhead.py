@@ -72,7 +72,15 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from statemachine_loop import TrainingLoop
 
-from _report import frozen_heap, load_average, machine_meta, pool_processes, run_line, write_report
+from _report import (
+    add_processes_option,
+    frozen_heap,
+    load_average,
+    machine_meta,
+    pool_processes,
+    run_line,
+    write_report,
+)
 
 CONTENDERS = ("raw", "compiled", "transitions")
 
@@ -296,25 +304,6 @@ def print_table(name: str, result: dict[str, Any]) -> None:
     )
 
 
-def pooled_runs(
-    argv: list[str], processes: int, *, quick: bool, json: Path | None
-) -> dict[str, Any]:
-    """Run this script with ``argv`` in ``processes`` fresh processes; print and pool the ratios."""
-    load = load_average()
-    print(
-        f"statemachine_loop {_commit()}, {run_line(load)}, {processes} processes: {' '.join(argv)}"
-    )
-    return pool_processes(
-        Path(__file__),
-        argv,
-        processes,
-        lambda report: {name: result["contenders"] for name, result in report["models"].items()},
-        load=load,
-        meta={"quick": quick},
-        json_path=json,
-    )
-
-
 def _commit() -> str | None:
     """The checkout's commit (``+dirty`` with uncommitted changes), if git can tell."""
     root = Path(__file__).resolve().parent.parent
@@ -349,12 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="all",
         help="which workload to run",
     )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=1,
-        help="repeat the whole run in this many fresh processes and pool them (default 1)",
-    )
+    add_processes_option(parser)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     quick = {"rounds": 3, "warmup": 1, "epochs": 1, "steps": 5}
@@ -369,11 +353,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)  # before the branch: --processes reports the threads its runs use
     if args.processes > 1:
         child = ["--rounds", rounds, "--warmup", warmup, "--epochs", epochs, "--steps", steps]
-        return pooled_runs(
+        return pool_processes(
+            Path(__file__),
             [*map(str, child), "--model", args.model],
             args.processes,
-            quick=args.quick,
-            json=args.json,
+            lambda report: {
+                name: result["contenders"] for name, result in report["models"].items()
+            },
+            headline=f"statemachine_loop {_commit()}, ",
+            meta={"quick": args.quick},
+            json_path=args.json,
         )
 
     torch.manual_seed(0)
