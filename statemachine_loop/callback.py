@@ -40,6 +40,12 @@ _HOOKS_BY_EVENT = tuple(
 )
 
 
+_MID_PHASE_OBSERVED = frozenset(
+    {Event.BATCH_START, Event.UPDATE_START, Event.INFERENCE_PREDICTION_END, Event.BATCH_END}
+)
+_MID_PHASE_GUARDED = _MID_PHASE_OBSERVED | {Event.TRAINING_END, Event.VALIDATION_END}
+
+
 class Callback:
     """Base class for callbacks: define any ``guard_<event>`` and ``on_<event>`` methods.
 
@@ -97,6 +103,20 @@ class HookMap:
     #: engine's per-event plan depends on, so an engine can reuse an earlier fit's.
     guarded: frozenset[Event] = attrs.field(init=False)
     observed: frozenset[Event] = attrs.field(init=False)
+
+    @property
+    def mid_phase(self) -> bool:
+        """Whether any hook can run at a batch boundary inside a phase.
+
+        There a hook may take a checkpoint, which needs the random state of the
+        phase's start (see ``loop_state.capture``): the batch events' guards and
+        observers, and a phase end's guards (a wind-down after a failed fetch proposes
+        the end at a batch boundary); a phase end's observers run after the phase.
+        """
+        return not (
+            self.guarded.isdisjoint(_MID_PHASE_GUARDED)
+            and self.observed.isdisjoint(_MID_PHASE_OBSERVED)
+        )
 
     @guarded.default
     def _hooked_by_guards(self) -> frozenset[Event]:

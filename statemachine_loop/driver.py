@@ -100,6 +100,7 @@ class Driver:
     _next_epoch: int
     _next_batch: int
     _phase_rng: dict[str, Any] | None
+    _keep_phase_rng: bool
     _final_metrics: dict[str, float] | None
     model: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
@@ -195,7 +196,10 @@ class Driver:
     ) -> None:
         first = 0
         if resume is None:
-            self._phase_rng = phase_start_rng(data)
+            # Only a hook can take a checkpoint inside the phase, which needs this
+            # snapshot; a fit whose hooks never run there skips it (~25 us a phase, cold).
+            if self._keep_phase_rng:
+                self._phase_rng = phase_start_rng(data)
         else:
             data, first = self._reenter_phase(data, resume), resume.next_batch
         plain = self._plain_batch and self.autocast is None and self.grad_scaler is None

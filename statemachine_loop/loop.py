@@ -156,6 +156,7 @@ class TrainingLoop(Driver):
         self._next_epoch = 0  # the epoch a checkpoint taken now would continue with
         self._next_batch = 0  # likewise, the next batch of the current phase
         self._phase_rng: dict[str, Any] | None = None
+        self._keep_phase_rng = True
         self._fit_callbacks: list[CallbackLike] = []
         self._final_metrics: dict[str, float] | None = None
         #: The process group of the current fit, or ``None`` for a single process.
@@ -285,6 +286,7 @@ class TrainingLoop(Driver):
             *(c for c in ordered if getattr(c, "runs_last", False)),
         ]
         hooks = collect_hooks(self._fit_callbacks)
+        self._keep_phase_rng = hooks.mid_phase
         self._resume, self.resumed_from = resolve_resume(resume, self._fit_callbacks)
         self.device = resolve_device(device)
         self.collective = join_process_group(self.device)

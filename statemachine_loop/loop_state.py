@@ -81,6 +81,14 @@ def capture(loop: TrainingLoop) -> dict[str, Any]:
             f"is in state {state!r} at {loop.previous_state!r} -> {state!r}, with a "
             "batch already fetched or the data exhausted."
         )
+    if state != "fit" and loop._next_batch > 0 and loop._phase_rng is None:
+        raise LifecycleError(
+            f"A checkpoint inside a phase needs the random state of the phase's start, "
+            f"which the loop keeps only when a hook of this fit runs inside phases (a "
+            f"guard or observer of a batch event); state_dict() was called in state "
+            f"{state!r} after batch {loop._next_batch - 1} from outside such a hook. "
+            "Take checkpoints from an observer of batch_end or epoch_end."
+        )
     payload: dict[str, Any] = {
         "format": FORMAT,
         "position": {

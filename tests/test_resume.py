@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from statemachine_loop import Callback, ConfigError, Event, LifecycleError, TrainingLoop, Veto
+from statemachine_loop.callback import collect_hooks
 from statemachine_loop.resume import InexactResumeWarning
 from statemachine_loop.testing import TraceEntry, TraceRecorder
 from statemachine_loop.testing.strategies import RunShape, run_shapes
@@ -489,3 +490,135 @@ def test_an_unsized_iterable_dataset_can_be_resumed() -> None:
         warnings.simplefilter("ignore", InexactResumeWarning)
         run = straight_then_resumed(shape, "compiled", "training batch_end", 5, training=training)
     assert_exact_resume(run)
+
+
+# -- the phase start's random state is kept only where a hook can checkpoint ---------------
+
+
+class _Hooks(Callback):
+    """A callback whose only hook is the one named, set on the instance."""
+
+    def __init__(self, hook: str) -> None:
+        setattr(self, hook, lambda loop: None)
+
+
+@pytest.mark.parametrize(
+    ("hooks", "mid_phase"),
+    [
+        ((), False),
+        (("on_fit_start", "guard_epoch_start", "on_training_start", "on_epoch_end"), False),
+        (("on_training_end", "on_validation_end", "guard_validation_start"), False),
+        (("on_batch_end",), True),
+        (("guard_batch_end",), True),
+        (("on_batch_start",), True),
+        (("guard_update_start",), True),
+        (("on_inference_prediction_end",), True),
+        (("guard_training_end",), True),  # a wind-down proposes it at a batch boundary
+        (("guard_validation_end",), True),
+    ],
+)
+def test_which_hooks_run_mid_phase(hooks: tuple[str, ...], mid_phase: bool) -> None:
+    assert collect_hooks([_Hooks(hook) for hook in hooks]).mid_phase is mid_phase
+    assert collect_hooks([lambda loop, event: None]).mid_phase  # a function observes all
+
+
+class _CheckpointingFetch(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Calls ``loop.state_dict()`` on fetching sample ``at``: a checkpoint from no hook."""
+
+    def __init__(self, at: int) -> None:
+        self.loop: TrainingLoop | None = None
+        self.at, self.outcome = at, ""
+
+    def __len__(self) -> int:
+        return 2 * BATCH
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == self.at and self.loop is not None:
+            try:
+                payload = self.loop.state_dict()
+                self.outcome = "taken" if payload["ranks"][0]["phase_rng"] else "no snapshot"
+            except LifecycleError as error:
+                self.outcome = str(error)
+        return torch.zeros(FEATURES), torch.tensor(0)
+
+
+@pytest.mark.parametrize("observer", [False, True])
+def test_a_fit_with_no_mid_phase_hook_refuses_a_stray_checkpoint(observer: bool) -> None:
+    # Validation runs the general loop, which marks each batch boundary; the data's
+    # fetch of the second batch is one, but outside any hook.
+    stray = _CheckpointingFetch(at=BATCH)
+    model = torch.nn.Linear(FEATURES, CLASSES)
+    loop = TrainingLoop(
+        training=make_data(2, "list", seed=1),
+        validation=DataLoader(stray, batch_size=BATCH),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=torch.nn.functional.cross_entropy,
+        callbacks=[_Hooks("on_batch_end")] if observer else [],
+        progress=False,
+    )
+    stray.loop = loop
+    loop.fit(model, 1)
+    if observer:  # a hook could checkpoint there, so the snapshot exists
+        assert stray.outcome == "taken"
+    else:  # no silent, inexact checkpoint: the loop says why it has none
+        assert "random state of the phase's start" in stray.outcome
+        assert "after batch 0" in stray.outcome
+
+
+class _FailingFetch(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Samples of a fixed set; the ``fail_at``-th fetch (0-based) raises, if set."""
+
+    def __init__(self, fail_at: int | None) -> None:
+        generator = torch.Generator().manual_seed(7)
+        self.inputs = torch.randn(4 * BATCH, FEATURES, generator=generator)
+        self.targets = torch.randint(0, CLASSES, (4 * BATCH,), generator=generator)
+        self.fail_at, self.fetches = fail_at, 0
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fetches == self.fail_at:
+            raise OSError("the disk went away")
+        self.fetches += 1
+        return self.inputs[i], self.targets[i]
+
+
+class _TakeAtTrainingEnd(Callback):
+    def __init__(self) -> None:
+        self.payload: dict[str, Any] = {}
+
+    def guard_training_end(self, loop: TrainingLoop) -> None:
+        self.payload = copy.deepcopy(loop.state_dict())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_phase_end_guard_checkpoints_exactly_in_a_wind_down(engine: str) -> None:
+    # The fit's only hook is training_end's guard. A failed fetch of batch 2 winds the
+    # loop down from that batch boundary, proposing training_end there: the guard's
+    # checkpoint needs the phase start's random state, and resumes exactly.
+    def fit(data: _FailingFetch, callbacks: Sequence[Any], resume: Any = None) -> torch.nn.Module:
+        nn = torch.nn
+        model = nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.Dropout(0.5), nn.Linear(HIDDEN, 3))
+        loop = TrainingLoop(
+            training=DataLoader(data, batch_size=BATCH, shuffle=True),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=torch.nn.functional.cross_entropy,
+            callbacks=callbacks,
+            engine=engine,  # type: ignore[arg-type]
+            progress=False,
+        )
+        loop.fit(model, 2, resume=resume)
+        return model
+
+    torch.manual_seed(0)
+    straight = fit(_FailingFetch(None), [])
+    torch.manual_seed(0)
+    taker = _TakeAtTrainingEnd()
+    with pytest.raises(OSError, match="disk went away"):
+        fit(_FailingFetch(2 * BATCH), [taker])
+    assert taker.payload["position"]["next_batch"] == 2
+    assert taker.payload["ranks"][0]["phase_rng"] is not None
+    scramble_global_rng(4321)
+    resumed = fit(_FailingFetch(None), [], resume=taker.payload)
+    assert same_parameters(straight, resumed)
