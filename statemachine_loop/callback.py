@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from statemachine_loop.decisions import Decision, Stop
     from statemachine_loop.loop import TrainingLoop
 
-__all__ = ["Callback", "CallbackLike", "HookMap", "collect_hooks", "callback_name"]
+__all__ = ["NO_HOOKS", "Callback", "CallbackLike", "HookMap", "callback_name", "collect_hooks"]
 
 _GUARD_PREFIX = "guard_"
 _OBSERVER_PREFIX = "on_"
@@ -38,7 +38,6 @@ _HOOK_NAMES = frozenset(
 _HOOKS_BY_EVENT = tuple(
     (event, _GUARD_PREFIX + event.value, _OBSERVER_PREFIX + event.value) for event in ALL_EVENTS
 )
-
 
 _MID_PHASE_OBSERVED = frozenset(
     {Event.BATCH_START, Event.UPDATE_START, Event.INFERENCE_PREDICTION_END, Event.BATCH_END}
@@ -127,6 +126,15 @@ class HookMap:
         return frozenset(filter(self.observers.get, self.observers))
 
 
+#: The hooks of no callbacks: what :func:`collect_hooks` answers for an empty list,
+#: shared (nothing mutates a ``HookMap``), so a fit without callbacks builds none.
+NO_HOOKS = HookMap(
+    guards=dict.fromkeys(ALL_EVENTS, ()),
+    observers=dict.fromkeys(ALL_EVENTS, ()),
+    stoppers=dict.fromkeys(ALL_EVENTS, frozenset()),
+)
+
+
 def callback_name(callback: object) -> str:
     """The recorded name of a callback or plain-function observer."""
     if isinstance(callback, Callback):
@@ -172,8 +180,9 @@ def collect_hooks(callbacks: Sequence[object]) -> HookMap:
     Raises :class:`ConfigError` for an object that is neither a ``Callback`` nor
     callable, and for a ``Callback`` with a misspelled hook name.
     """
-    # Filled by concatenation (an event has a handful of hooks at most): with no
-    # callbacks this costs three C calls, not a comprehension per table.
+    if not callbacks:
+        return NO_HOOKS
+    # Filled by concatenation (an event has a handful of hooks at most).
     guards: dict[Event, tuple[Hook, ...]] = dict.fromkeys(ALL_EVENTS, ())
     observers: dict[Event, tuple[Hook, ...]] = dict.fromkeys(ALL_EVENTS, ())
     stoppers: dict[Event, frozenset[str]] = dict.fromkeys(ALL_EVENTS, frozenset())

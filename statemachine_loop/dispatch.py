@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from transitions import MachineError
 
-from statemachine_loop.callback import HookMap
+from statemachine_loop.callback import NO_HOOKS, HookMap
 from statemachine_loop.decisions import (
     Decision,
     DecisionRecord,
@@ -52,12 +52,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ENGINES", "CompiledEngine", "Engine", "Stopping", "TransitionsEngine"]
 
-_NO_HOOKS = HookMap(
-    guards={event: () for event in ALL_EVENTS},
-    observers={event: () for event in ALL_EVENTS},
-    stoppers={event: frozenset() for event in ALL_EVENTS},
-)
-
 #: A compiled event: its moves ``{source: destination}``, entry work, whether it is
 #: guarded, observed, or bare (none of these: the proposal is only the move).
 _Plan = tuple[dict[str, str], Callable[[], None] | None, bool, bool, bool]
@@ -81,9 +75,9 @@ class Engine:
         self.machine: Machine = self._build_machine()
         self._table = transition_table(self.machine)
         self._paths = wind_down_paths(self.machine)
-        self._guards = _NO_HOOKS.guards
-        self._observers = _NO_HOOKS.observers
-        self._stoppers = _NO_HOOKS.stoppers
+        self._guards = NO_HOOKS.guards
+        self._observers = NO_HOOKS.observers
+        self._stoppers = NO_HOOKS.stoppers
         self.collective: Collective | None = None
         self._entries: Mapping[Event, Callable[[], None]] = {}
         self._can_validate = False
@@ -120,7 +114,9 @@ class Engine:
         self.winding_down = False
         self.hook_errors = []
         self.source = INITIAL_STATE
-        self.machine.set_state(INITIAL_STATE, model=self.model)
+        # What ``machine.set_state(INITIAL_STATE, model=...)`` does, minus its lookups;
+        # the machine reads its model's ``state`` attribute, as every move here writes it.
+        self.model.state = INITIAL_STATE
         self._compile(hooks, entries)
 
     def _compile(self, hooks: HookMap, entries: Mapping[Event, Callable[[], None]]) -> None:

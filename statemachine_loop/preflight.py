@@ -53,18 +53,25 @@ def length_of(data: object) -> int | None:
 
 def check_fit_arguments(
     model: object, epochs: object, optimizer: torch.optim.Optimizer
-) -> list[torch.nn.Parameter]:
+) -> list[torch.Tensor]:
     """``model`` a module whose parameters the optimizer holds; ``epochs`` an int >= 1.
 
-    Returns the model's parameters, so the caller's later checks need not walk the
-    module tree again (a walk costs tens of microseconds even for a small model).
+    Returns the model's parameters and buffers, from one walk of the module tree, so
+    the caller's device check need not walk it again: each walk through the public
+    ``parameters()`` / ``buffers()`` generators costs tens of microseconds at a fit's
+    start, even for a small model. The walk reads each module's own ``_parameters``
+    and ``_buffers``, as those generators do.
     """
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1; got {epochs!r}.")
-    parameters = list(model.parameters())
-    ids = {id(p) for p in parameters}
+    parameters: list[torch.Tensor | None] = []
+    buffers: list[torch.Tensor | None] = []
+    for module in model.modules():
+        parameters += module._parameters.values()
+        buffers += module._buffers.values()
+    ids = set(map(id, parameters))
     foreign = sum(
         1 for group in optimizer.param_groups for p in group["params"] if id(p) not in ids
     )
@@ -74,7 +81,7 @@ def check_fit_arguments(
             f"model passed to fit ({type(model).__name__}); build the optimizer from "
             "this model's parameters()."
         )
-    return parameters
+    return [tensor for tensor in parameters + buffers if tensor is not None]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

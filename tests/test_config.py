@@ -188,3 +188,25 @@ def test_fit_called_from_a_callback_is_a_lifecycle_error(engine: str) -> None:
     assert loop.failure is info.value
     assert recorder.events == h.interrupted(h.fit_trace(1, 2), BS, 0, taken=True)
     assert recorder.events[0] is FS
+
+
+def test_unset_parameters_buffers_and_shared_weights_pass_the_set_up(engine: str) -> None:
+    # The set-up walks each module's own parameters and buffers once: a parameter set
+    # to None (bias=False), BatchNorm's buffers and a layer used twice all pass, and a
+    # model already on the device is trained in place.
+    nn, size = torch.nn, h.IN_FEATURES
+    shared = nn.Linear(size, size, bias=False)
+    model = nn.Sequential(shared, nn.BatchNorm1d(size), shared, nn.Linear(size, h.OUT_FEATURES))
+    loop = _build(engine, model)
+    loop.fit(model, 1)
+    assert loop.model is model
+    assert int(model[1].num_batches_tracked) == 2  # two training batches
+
+
+def test_a_parameter_missing_from_the_model_is_still_named(engine: str) -> None:
+    model = h.make_model()
+    stray = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([*model.parameters(), stray], lr=0.1)
+    with pytest.raises(ConfigError) as info:
+        _build(engine, model, optimizer=optimizer).fit(model, 1)
+    _check(info, "1 parameter(s)", "do not belong", "Linear")
