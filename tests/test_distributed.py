@@ -460,3 +460,23 @@ def test_set_sampler_epoch_touches_only_distributed_samplers() -> None:
     sharded = DataLoader(dataset, sampler=DistributedSampler(dataset, 2, 0))
     set_sampler_epoch(sharded, 3)
     assert sharded.sampler.epoch == 3  # type: ignore[attr-defined]
+
+
+def test_the_torchrun_environment_is_read_once_per_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from statemachine_loop import distributed
+
+    monkeypatch.setattr(distributed, "_torchrun_environment", None)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed._launched_by_torchrun()
+    monkeypatch.delenv("MASTER_ADDR")  # no longer torchrun's, but read once per process
+    assert distributed._launched_by_torchrun()
+    pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: pid + 1)  # a forked child
+    assert not distributed._launched_by_torchrun()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(distributed, "_torchrun_environment", None)
+    assert not distributed._launched_by_torchrun()  # a world of one is no world
