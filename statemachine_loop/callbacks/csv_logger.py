@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, TextIO
 import torch
 
 from statemachine_loop.callback import Callback
+from statemachine_loop.callbacks._files import make_directory
 from statemachine_loop.callbacks._losses import PendingLosses
 from statemachine_loop.callbacks._phases import Phase, PhaseResults, metric_names
 from statemachine_loop.errors import ConfigError
@@ -105,7 +106,7 @@ class CSVLogger(Callback):
         self._losses.bind(loop)
         self._columns = metric_names(loop)
         header: list[object] = ["epoch", "batch", "phase", *self._columns]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(self.path.parent)
         append = self._append or loop.resuming
         has_rows = append and self.path.exists() and self.path.stat().st_size > 0
         if has_rows:

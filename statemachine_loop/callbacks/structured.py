@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TextIO
 import structlog
 
 from statemachine_loop.callback import Callback
+from statemachine_loop.callbacks._files import make_directory
 from statemachine_loop.callbacks._phases import PHASE_OF_STATE, Phase, PhaseResults, metric_names
 from statemachine_loop.decisions import DecisionKind
 from statemachine_loop.errors import ConfigError
@@ -291,7 +292,7 @@ class StructuredLogger(Callback):
         self._stop_logged = self._failure_logged = False
         if not loop.is_main_process:
             return  # under torch.distributed rank 0 alone writes; the others log nothing
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(self.path.parent)
         append = self._append or loop.resuming
         if not append:
             self.path.unlink(missing_ok=True)  # a fresh file: see CSVLogger.on_fit_start

@@ -35,6 +35,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 from statemachine_loop.callback import Callback
+from statemachine_loop.callbacks._files import make_directory
 from statemachine_loop.callbacks._losses import PendingLosses
 from statemachine_loop.callbacks._phases import Phase, PhaseResults
 from statemachine_loop.errors import ConfigError
@@ -52,7 +53,7 @@ def unique_run_dir(logdir: Path, stamp: str | None = None) -> Path:
     uniqueness test (``mkdir`` without ``exist_ok``), so two runs started in the same
     second never share a directory.
     """
-    logdir.mkdir(parents=True, exist_ok=True)
+    make_directory(logdir)
     base = stamp if stamp is not None else time.strftime("%Y%m%d-%H%M%S")
     suffix = 0
     while True:
