@@ -56,6 +56,10 @@ __all__ = ["ENGINES", "CompiledEngine", "Engine", "Stopping", "TransitionsEngine
 #: guarded, observed, or bare (none of these: the proposal is only the move).
 _Plan = tuple[dict[str, str], Callable[[], None] | None, bool, bool, bool]
 
+#: How the driver calls an event's observers itself (:meth:`Engine.observer_call`): the
+#: call, and what settles a result other than ``None`` into the ``Stop`` to follow.
+ObserverCall = tuple[Callable[[], object], Callable[[object], "Stop | None"]]
+
 #: A decision with the callback that took it and, under torch.distributed, its rank.
 _Decided = tuple[str, Decision, int | None]
 
@@ -136,43 +140,38 @@ class Engine:
         """The state ``event`` leads to from ``state``, per the machine; ``None`` if illegal."""
         return self._table.get((state, event))
 
-    def observed_move(
-        self, event: Event, state: str
-    ) -> tuple[str, Callable[[], Stop | None] | None] | None:
+    def observed_move(self, event: Event, state: str) -> tuple[str, ObserverCall | None] | None:
         """Where proposing ``event`` from ``state`` leads, and how to call its observers.
 
         Only when the proposal would do nothing but move the machine and call the
         event's observers — no entry work, no guard — so the driver may move it
-        itself and call them: the second item is :meth:`observer_call`'s function,
+        itself and call them: the second item is :meth:`observer_call`'s pair,
         or ``None`` when nothing observes the event. Otherwise ``None``. The
         reference engine always answers ``None``.
         """
         return None
 
-    def observer_call(self, event: Event) -> Callable[[], Stop | None]:
-        """:meth:`observe` of ``event`` as a function of no arguments, for this fit's hooks.
+    def observer_call(self, event: Event) -> ObserverCall:
+        """:meth:`observe` of ``event`` for the driver's per-batch calls, in two parts.
 
-        For the driver's per-batch calls. With a single observer (one logger: the
-        common case) the function calls it directly and hands anything it returns
-        or raises to the full policy, as :meth:`observe` does, without the loop
-        around it; otherwise it is :meth:`observe` itself.
+        ``call()`` runs this fit's observers of ``event``; when it returns anything but
+        ``None``, ``settle(result)`` applies the policy and returns the ``Stop`` to
+        follow, or ``None``. With a single observer (one logger: the common case)
+        ``call`` is that observer bound to the loop by ``functools.partial``, so a
+        batch pays no Python frame around it, and an exception it raises propagates
+        just as :meth:`observe` would re-raise it (the driver's per-batch path never
+        runs during a wind-down). Otherwise ``call`` is :meth:`observe` itself, whose
+        result ``settle`` passes on.
         """
         observers = self._observers[event]
         if len(observers) != 1 or (self.collective is not None and self._stoppers[event]):
-            return functools.partial(self.observe, event)
+            return functools.partial(self.observe, event), _settled
         ((_, observer),) = observers
-        loop, observe_from = self._loop, self._observe_from
+        return functools.partial(observer, self._loop), functools.partial(self._settle, event)
 
-        def observe_one() -> Stop | None:
-            if self.winding_down:
-                return observe_from(event, 0)
-            try:
-                result = observer(loop)
-            except BaseException as exc:
-                return observe_from(event, 0, error=exc)
-            return None if result is None else observe_from(event, 0, result=result)
-
-        return observe_one
+    def _settle(self, event: Event, result: object) -> Stop | None:
+        """Apply the policy to what the lone observer of ``event`` returned (not ``None``)."""
+        return self._observe_from(event, 0, result=result)
 
     def propose(self, event: Event) -> Event | None:
         """Propose ``event``: return the event taken, or ``None`` if it was vetoed.
@@ -505,9 +504,7 @@ class CompiledEngine(Engine):
             states.append(state)
         return tuple(states)
 
-    def observed_move(
-        self, event: Event, state: str
-    ) -> tuple[str, Callable[[], Stop | None] | None] | None:
+    def observed_move(self, event: Event, state: str) -> tuple[str, ObserverCall | None] | None:
         """See :meth:`Engine.observed_move`."""
         moves, entry, guarded, observed, _ = self._plans[event]
         if entry is not None or guarded or state not in moves:
@@ -589,6 +586,12 @@ class TransitionsEngine(Engine):
             return event
         assert decision is not None
         return self._follow(event, decision)
+
+
+def _settled(result: object) -> Stop | None:
+    """What :meth:`Engine.observe` returned: already the ``Stop`` to follow, or ``None``."""
+    assert result is None or isinstance(result, Stop)
+    return result
 
 
 def _shown(name: str, rank: int | None) -> str:

@@ -254,7 +254,8 @@ class Driver:
         when anything raises (:meth:`_settle_plain`), so each hook, the wind-down
         included, sees what the general loop would show.
         ``batch_end`` is proposed when a guard hooks it; with observers only, the
-        loop moves the machine and calls them (:meth:`Engine.observer_call`).
+        loop moves the machine and calls them (:meth:`Engine.observer_call`), a lone
+        observer directly.
         """
         assert self.model is not None
         engine, machine = self._engine, self._engine.model
@@ -263,13 +264,14 @@ class Driver:
         batch_state, update_state = moves
         end = engine.observed_move(BATCH_END, update_state)
         guarded = end is None  # then batch_end is proposed, and its guards run
+        observers = None
         if end is None:  # where the proposal will lead, read off the machine all the same
-            end_state, observe_end = engine.destination(BATCH_END, update_state), None
+            end_state = engine.destination(BATCH_END, update_state)
             assert end_state is not None  # batch_end always leaves updating
         else:
-            end_state, observe_end = end
-        hooked = guarded or observe_end is not None
-        observe_end = observe_end or _unobserved
+            end_state, observers = end
+        hooked = guarded or observers is not None
+        observe_end, settle_end = observers or (_unobserved, _unobserved)
         states = (phase_state, batch_state, update_state, end_state)
         model, loss_fn, optimizer = self.model, self._loss_fn, self.optimizer
         metrics, tensor = self._metrics, torch.Tensor
@@ -329,7 +331,8 @@ class Driver:
                         propose(BATCH_END)
                     else:
                         engine.source, machine.state = update_state, end_state
-                        if observe_end() is not None:
+                        result = observe_end()
+                        if result is not None and settle_end(result) is not None:
                             raise Stopping
                     # Held through the next batch, output and loss would keep this
                     # batch's graph alive past the next one's (slowing every
@@ -505,8 +508,8 @@ def _unchanged(batch: Any) -> Any:
     return batch
 
 
-def _unobserved() -> None:
-    """Stands in for the observers of an event that nothing observes."""
+def _unobserved(*_: object) -> None:
+    """Stands in for the observers of an event that nothing observes (never settled)."""
 
 
 def _reentry_refused(event: Event) -> LifecycleError:

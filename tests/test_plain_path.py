@@ -26,7 +26,15 @@ import helpers as h
 import pytest
 import torch
 
-from statemachine_loop import Callback, ConfigError, Event, LifecycleError, Stop, TrainingLoop
+from statemachine_loop import (
+    Callback,
+    ConfigError,
+    Event,
+    LifecycleError,
+    Stop,
+    TrainingLoop,
+    Veto,
+)
 from statemachine_loop.driver import Driver
 from statemachine_loop.step import Step
 
@@ -419,3 +427,21 @@ def test_the_last_graph_is_not_kept_after_the_phase() -> None:
     assert loop.last_step_loss is not None and loop.last_step_loss.ndim == 0
     assert loop.last_step_output is not None
     assert not any(name.startswith("_previous") for name in vars(loop))
+
+
+class _VetoingObserver(Callback):
+    """The lone batch_end observer, returning what no observer may return."""
+
+    def on_batch_end(self, loop: TrainingLoop) -> Veto | None:
+        return Veto("observers cannot veto") if loop.batch_index == 1 else None
+
+
+def test_a_lone_observers_bad_result_is_refused_as_the_reference_refuses_it(
+    plain_calls: list[int],
+) -> None:
+    # The plain loop calls a lone observer without the policy's loop around it; what
+    # it returns still goes through the policy (LifecycleError naming the observer).
+    loop, _ = assert_same(train=3, extra=[_VetoingObserver()])
+    assert plain_calls == [1]
+    assert isinstance(loop.failure, LifecycleError)
+    assert "Observer on_batch_end of _VetoingObserver returned Veto" in str(loop.failure)
