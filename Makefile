@@ -37,6 +37,7 @@ test: lint typecheck unit docs
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py --processes 8 --json run/overhead.json
 	$(BIN)/python benchmarks/observability.py --processes 8 --json run/observability.json
+	$(BIN)/python benchmarks/segments.py
 	$(BIN)/python benchmarks/resume_cost.py
 	if command -v valgrind >/dev/null; then $(BIN)/python benchmarks/instructions.py; fi
 
