@@ -183,21 +183,26 @@ def _timed(run: Callable[[], object]) -> int:
     return time.perf_counter_ns() - start
 
 
-def measure(workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int) -> dict[str, Any]:
-    """Time interleaved rounds of every contender on one workload; return a summary."""
-    check_same_work(workload)
+def contender_runs(workload: dict[str, Any], epochs: int) -> dict[str, Callable[[], object]]:
+    """One fit of ``epochs`` epochs per contender, all on the workload's model and data."""
     model, data, loss_fn = workload["model"], workload["data"], workload["loss_fn"]
     optimizer = workload["optimizer"](model.parameters())
     loops = {
         engine: bare_loop(training=data, optimizer=optimizer, loss_fn=loss_fn, engine=engine)
         for engine in ("compiled", "transitions")
     }
-    runs: dict[str, Callable[[], object]] = {
+    return {
         "raw": lambda: raw_fit(model, data, optimizer, loss_fn, epochs),
         "compiled": lambda: loops["compiled"].fit(model, epochs),
         "transitions": lambda: loops["transitions"].fit(model, epochs),
     }
-    steps = epochs * len(data)
+
+
+def measure(workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int) -> dict[str, Any]:
+    """Time interleaved rounds of every contender on one workload; return a summary."""
+    check_same_work(workload)
+    runs = contender_runs(workload, epochs)
+    steps = epochs * len(workload["data"])
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     with frozen_heap():  # torch's modules and the data out of the collector's reach
         for index in range(warmup + rounds):

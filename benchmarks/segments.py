@@ -34,11 +34,10 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from overhead import bare_loop, mnist_workload, raw_fit, tutorial_workload
+from overhead import contender_runs, mnist_workload, tutorial_workload
 
 from _report import frozen_heap, load_average, run_line
 
@@ -62,20 +61,10 @@ def split(stamps: list[int], begin: int, finish: int, epochs: int) -> dict[str, 
 
 def measure(workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int) -> dict[str, Any]:
     """Interleaved rounds of raw, compiled and transitions; the segments of each."""
-    model, data, loss_fn = workload["model"], workload["data"], workload["loss_fn"]
-    optimizer = workload["optimizer"](model.parameters())
+    runs = contender_runs(workload, epochs)
     stamps: list[int] = []
     clock = time.perf_counter_ns
-    handle = model.register_forward_pre_hook(lambda module, args: stamps.append(clock()))
-    loops = {
-        engine: bare_loop(training=data, optimizer=optimizer, loss_fn=loss_fn, engine=engine)
-        for engine in ("compiled", "transitions")
-    }
-    runs: dict[str, Callable[[], object]] = {
-        "raw": lambda: raw_fit(model, data, optimizer, loss_fn, epochs),
-        "compiled": lambda: loops["compiled"].fit(model, epochs),
-        "transitions": lambda: loops["transitions"].fit(model, epochs),
-    }
+    hooked = workload["model"].register_forward_pre_hook(lambda *_: stamps.append(clock()))
     names = list(runs)
     found: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     try:
@@ -90,8 +79,8 @@ def measure(workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int) 
                     if index >= warmup:
                         found[name].append(split(stamps, begin, finish, epochs))
     finally:
-        handle.remove()
-    return {"epochs": epochs, "batches": len(data), "by_contender": found}
+        hooked.remove()
+    return {"epochs": epochs, "batches": len(workload["data"]), "by_contender": found}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, dict[str, float]]:
