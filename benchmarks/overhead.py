@@ -121,6 +121,13 @@ def mnist_workload(samples: int) -> dict[str, Any]:
     }
 
 
+#: Each workload's factory (given a number of samples) and batch size, by name.
+WORKLOADS: dict[str, tuple[Callable[[int], dict[str, Any]], int]] = {
+    "tutorial": (tutorial_workload, 10),
+    "mnist_mlp": (mnist_workload, 64),
+}
+
+
 # -- the hand-written loop -------------------------------------------------------------
 
 
@@ -339,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a few tiny rounds (smoke test)")
     parser.add_argument(
         "--model",
-        choices=("tutorial", "mnist_mlp", "all"),
+        choices=(*WORKLOADS, "all"),
         default="all",
         help="which workload to run",
     )
@@ -371,8 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     torch.manual_seed(0)
-    factories = {"tutorial": (tutorial_workload, 10), "mnist_mlp": (mnist_workload, 64)}
-    chosen = list(factories) if args.model == "all" else [args.model]
+    chosen = list(WORKLOADS) if args.model == "all" else [args.model]
     load = load_average()
     print(
         f"statemachine_loop {_commit()}, {run_line(load)}, "
@@ -380,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     results: dict[str, Any] = {}
     for name in chosen:
-        factory, batch = factories[name]
+        factory, batch = WORKLOADS[name]
         results[name] = measure(factory(steps * batch), rounds=rounds, warmup=warmup, epochs=epochs)
         print_table(name, results[name])
     report = {

@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 import torch
-from overhead import contender_runs, mnist_workload, tutorial_workload
+from overhead import WORKLOADS, contender_runs
 
 from _report import frozen_heap, load_average, run_line
 
@@ -127,7 +127,7 @@ def print_table(name: str, result: dict[str, Any], summary: dict[str, dict[str, 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the flags, measure, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tutorial", "mnist_mlp"), default="tutorial")
+    parser.add_argument("--model", choices=tuple(WORKLOADS), default="tutorial")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 41)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per fit (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="batches per epoch (default 100)")
@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--rounds and --epochs must be >= 1, --steps >= 2")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    workloads = {"tutorial": (tutorial_workload, 10), "mnist_mlp": (mnist_workload, 64)}
-    build, batch_size = workloads[args.model]
+    build, batch_size = WORKLOADS[args.model]
     workload = build(steps * batch_size)
     print(f"{run_line(load_average())}, {rounds} rounds (+3 warm-up), interleaved")
     result = measure(workload, rounds=rounds, warmup=3, epochs=args.epochs)

@@ -12,8 +12,8 @@ def make_directory(directory: Path) -> None:
 
     One ``stat`` when it exists, the usual case from the second fit on, where
     ``Path.mkdir(parents=True, exist_ok=True)`` calls ``mkdir`` and raises and catches
-    ``FileExistsError`` first: about 45 us per call at a cold fit start, measured by
-    ``benchmarks/observability.py``'s set-up, against about 15 us.
+    ``FileExistsError`` first: about 48 us per call at a cold fit start, measured in
+    ``benchmarks/observability.py``'s fits.
     """
     if not directory.is_dir():
         directory.mkdir(parents=True, exist_ok=True)
