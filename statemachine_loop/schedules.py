@@ -35,6 +35,12 @@ i.e. after t calls of ``scheduler.step()``), with ``base`` the optimizer's ``lr`
   ``Schedule([Segment("linear", start=0, end=base, steps=w + 1),
   Segment("linear", end=0)], total_steps=T + 1)`` — the original's example with
   ``w = 9``.
+
+The shapes are also importable objects, :data:`linear`, :data:`cosine`,
+:data:`exponential` and :data:`constant` (each a :class:`NamedShape`), and a name is
+only another spelling of its object: ``Segment(linear, start=0, end=peak, steps=10)``
+is, and compares equal to, ``Segment("linear", start=0, end=peak, steps=10)``. Any
+other function ``f`` of progress in [0, 1] makes a segment ``start + (end - start) * f(p)``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from __future__ import annotations
 import bisect
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias
 
 import attrs
@@ -51,27 +58,129 @@ from statemachine_loop.errors import ConfigError, MissingDependencyError
 
 __all__ = [
     "SHAPES",
+    "NamedShape",
     "Schedule",
     "Segment",
     "Shape",
     "ShapeName",
     "adam_bias_correction",
+    "constant",
+    "cosine",
+    "exponential",
+    "linear",
 ]
+
+
+def _any_ends(start: float, end: float, start_given: bool) -> str | None:
+    return None
+
+
+@attrs.frozen(slots=False, repr=False)
+class NamedShape:
+    """A built-in shape: the rate at progress ``p`` of a segment, given both its ends.
+
+    A plain function ``f`` of progress only bends the straight line,
+    ``start + (end - start) * f(p)``; it cannot be geometric or ignore ``start``. A
+    named shape is called with both ends, ``shape(start, end, p)``, and says what is
+    wrong with the ends it is given (``check(start, end, start_given)`` returns the
+    problem or ``None``), which :class:`Schedule` raises as a ``ConfigError``. The
+    four are :data:`linear`, :data:`cosine`, :data:`exponential` and :data:`constant`;
+    :class:`Segment` turns each name in :data:`SHAPES` into its object, and named
+    shapes compare by ``name``.
+    """
+
+    name: str
+    curve: Callable[[float, float, float], float] = attrs.field(eq=False)
+    check: Callable[[float, float, bool], str | None] = attrs.field(eq=False, default=_any_ends)
+
+    def __attrs_post_init__(self) -> None:
+        # Each shape reads as the function it wraps: ``linear.__doc__`` is its own.
+        object.__setattr__(self, "__doc__", self.curve.__doc__)
+
+    def __call__(self, start: float, end: float, progress: float) -> float:
+        """The rate at ``progress`` in [0, 1] of a segment from ``start`` to ``end``."""
+        return self.curve(start, end, progress)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _linear(start: float, end: float, progress: float) -> float:
+    """A straight line from ``start`` to ``end``: ``start + (end - start) * p``.
+
+    The original's warmup and decay, and torch's ``LinearLR``.
+    """
+    return start + (end - start) * progress
+
+
+def _cosine(start: float, end: float, progress: float) -> float:
+    """Half a cosine from ``start`` to ``end``, flat at both ends, so it eases in and out.
+
+    ``start + (end - start) * (1 - cos(pi * p)) / 2``: ``CosineAnnealingLR`` up to ``T_max``.
+    """
+    return start + (end - start) * ((1.0 - math.cos(math.pi * progress)) / 2.0)
+
+
+def _exponential(start: float, end: float, progress: float) -> float:
+    """Geometric from ``start`` to ``end``: ``start * (end / start) ** p``.
+
+    The same factor every step, as torch's ``ExponentialLR``; not a bent straight line,
+    so it needs both ends, and both must be positive.
+    """
+    return float(start * (end / start) ** progress)
+
+
+def _positive_ends(start: float, end: float, start_given: bool) -> str | None:
+    if start > 0 and end > 0:
+        return None
+    return (
+        f"is exponential from {start} to {end}; both ends must be positive (give start= "
+        "when the previous segment ends at 0)."
+    )
+
+
+def _constant(start: float, end: float, progress: float) -> float:
+    """Holds ``end`` on every step; ``start`` must be omitted or equal ``end``.
+
+    A flat stretch, such as the rate ``LinearLR`` keeps after its ramp; a start that
+    differs from the end would be silently ignored, so it is refused.
+    """
+    return end
+
+
+def _start_is_end(start: float, end: float, start_given: bool) -> str | None:
+    if not start_given or start == end:
+        return None
+    return (
+        f"is constant but has start={start} and end={end}; a constant segment holds its "
+        "end, so omit start or make it equal to end."
+    )
+
+
+linear: Final = NamedShape("linear", _linear)
+cosine: Final = NamedShape("cosine", _cosine)
+exponential: Final = NamedShape("exponential", _exponential, _positive_ends)
+constant: Final = NamedShape("constant", _constant, _start_is_end)
+
+#: Each shape name and its object; a name is only another spelling of the object.
+_NAMED: Final[Mapping[str, NamedShape]] = MappingProxyType(
+    {shape.name: shape for shape in (constant, linear, cosine, exponential)}
+)
 
 #: The names of the built-in shapes.
 ShapeName: TypeAlias = Literal["constant", "linear", "cosine", "exponential"]
-#: A segment's shape: a :data:`ShapeName`, or a function of progress in [0, 1].
-Shape: TypeAlias = "ShapeName | Callable[[float], float]"
+#: A segment's shape: a :data:`ShapeName`, a :class:`NamedShape`, or a function of progress.
+Shape: TypeAlias = "ShapeName | NamedShape | Callable[[float], float]"
 
 #: The named shapes.
-SHAPES: Final[tuple[str, ...]] = ("constant", "linear", "cosine", "exponential")
+SHAPES: Final[tuple[str, ...]] = tuple(_NAMED)
 
 
-def _check_shape(instance: Segment, attribute: attrs.Attribute[Any], shape: object) -> None:
-    if isinstance(shape, str) and shape in SHAPES:
-        return
+def _to_shape(shape: Shape) -> NamedShape | Callable[[float], float]:
+    if isinstance(shape, str) and shape in _NAMED:
+        return _NAMED[shape]
     if not isinstance(shape, str) and callable(shape):
-        return
+        return shape
     raise ConfigError(
         f"A Segment's shape must be one of {', '.join(map(repr, SHAPES))} or a function "
         f"of progress in [0, 1]; got {shape!r}."
@@ -96,16 +205,17 @@ def _check_steps(instance: Segment, attribute: attrs.Attribute[Any], steps: obje
 class Segment:
     """One piece of a :class:`Schedule`: a curve from ``start`` to ``end`` over ``steps`` steps.
 
-    ``shape`` is ``"linear"``, ``"cosine"`` (half a cosine, flat at both ends),
-    ``"exponential"`` (geometric; ``start`` and ``end`` must be positive),
-    ``"constant"`` (holds ``end``; ``start`` must be omitted or equal ``end``), or
-    any function ``f`` of progress ``p`` in [0, 1], giving
+    ``shape`` is :data:`linear`, :data:`cosine` (half a cosine, flat at both ends),
+    :data:`exponential` (geometric; ``start`` and ``end`` must be positive),
+    :data:`constant` (holds ``end``; ``start`` must be omitted or equal ``end``), or
+    its name (``"linear"`` ..., turned into that object here, so both spellings give
+    equal segments), or any function ``f`` of progress ``p`` in [0, 1], giving
     ``start + (end - start) * f(p)`` (so ``f(0)`` should be 0 and ``f(1)`` 1).
     ``start`` defaults to the previous segment's ``end`` (0 for the first). ``steps``
     counts both ends; only the last segment of a schedule may leave it ``None``.
     """
 
-    shape: Shape = attrs.field(validator=_check_shape)
+    shape: NamedShape | Callable[[float], float] = attrs.field(converter=_to_shape)
     start: float | None = attrs.field(default=None, kw_only=True, validator=_check_rate)
     end: float = attrs.field(kw_only=True, validator=_check_rate)
     steps: int | None = attrs.field(default=None, kw_only=True, validator=_check_steps)
@@ -119,24 +229,14 @@ class _Piece:
     last: int
     start: float
     end: float
-    shape: Shape
+    shape: NamedShape | Callable[[float], float]
 
     def value(self, step: int) -> float:
         span = self.last - self.first
         progress = 1.0 if span == 0 else (step - self.first) / span
-        shape = self.shape
-        if shape == "constant":
-            return self.end
-        if shape == "exponential":
-            return float(self.start * (self.end / self.start) ** progress)
-        if shape == "linear":
-            fraction = progress
-        elif shape == "cosine":
-            fraction = (1.0 - math.cos(math.pi * progress)) / 2.0
-        else:
-            assert callable(shape)
-            fraction = float(shape(progress))
-        return self.start + (self.end - self.start) * fraction
+        if isinstance(self.shape, NamedShape):
+            return self.shape(self.start, self.end, progress)
+        return self.start + (self.end - self.start) * float(self.shape(progress))
 
 
 class Schedule:
@@ -197,18 +297,10 @@ class Schedule:
                 )
             start = previous_end if segment.start is None else float(segment.start)
             end = float(segment.end)
-            if segment.shape == "constant":
-                if segment.start is not None and start != end:
-                    raise ConfigError(
-                        f"{where} is constant but has start={start} and end={end}; a constant "
-                        "segment holds its end, so omit start or make it equal to end."
-                    )
-                start = end
-            if segment.shape == "exponential" and (start <= 0 or end <= 0):
-                raise ConfigError(
-                    f"{where} is exponential from {start} to {end}; both ends must be "
-                    "positive (give start= when the previous segment ends at 0)."
-                )
+            if isinstance(segment.shape, NamedShape):
+                problem = segment.shape.check(start, end, segment.start is not None)
+                if problem is not None:
+                    raise ConfigError(f"{where} {problem}")
             pieces.append(_Piece(first, first + steps - 1, start, end, segment.shape))
             first, previous_end = first + steps - 1, end
         length = pieces[-1].last + 1

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
 from torch.optim import lr_scheduler
 
 from statemachine_loop.errors import ConfigError
-from statemachine_loop.schedules import Schedule, Segment, adam_bias_correction
+from statemachine_loop.schedules import (
+    SHAPES,
+    NamedShape,
+    Schedule,
+    Segment,
+    adam_bias_correction,
+    constant,
+    cosine,
+    exponential,
+    linear,
+)
 
 PEAK = 0.1
 
@@ -55,10 +67,10 @@ def test_start_defaults_to_previous_end_and_zero_first() -> None:
 
 
 def test_shapes() -> None:
-    cosine = Schedule([Segment("cosine", start=1.0, end=0.0, steps=5)]).values()
-    assert cosine == pytest.approx([1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, 0.1464466, 0.0])
-    exponential = Schedule([Segment("exponential", start=1.0, end=0.001, steps=4)]).values()
-    assert exponential == pytest.approx([1.0, 0.1, 0.01, 0.001])
+    cosines = Schedule([Segment("cosine", start=1.0, end=0.0, steps=5)]).values()
+    assert cosines == pytest.approx([1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, 0.1464466, 0.0])
+    geometric = Schedule([Segment("exponential", start=1.0, end=0.001, steps=4)]).values()
+    assert geometric == pytest.approx([1.0, 0.1, 0.01, 0.001])
     squared = Schedule([Segment(lambda p: p * p, start=0.0, end=1.0, steps=3)]).values()
     assert squared == pytest.approx([0.0, 0.25, 1.0])
     assert Schedule([Segment("constant", end=0.3)], total_steps=4).values() == [0.3] * 4
@@ -76,6 +88,128 @@ def test_open_schedule_is_filled_by_with_total_steps() -> None:
         schedule(0)
     with pytest.raises(ConfigError, match="open"):
         schedule.values()
+
+
+# -- the shapes as importable objects ------------------------------------------------------
+
+OBJECTS = {"constant": constant, "linear": linear, "cosine": cosine, "exponential": exponential}
+
+#: Segment configurations as (start, end, steps) per segment, and total_steps; a start of
+#: None inherits the previous end. Every one is valid for every shape (constant's starts are
+#: None or equal to the end, exponential's ends positive).
+CONFIGS: list[tuple[list[tuple[float | None, float, int | None]], int | None]] = [
+    ([(1.0, 1.0, 7)], None),
+    ([(0.5, 0.5, 1)], None),
+    ([(0.8, 0.8, 5), (None, 0.05, None)], 17),
+    ([(0.8, 0.8, 4), (None, 0.3, 6), (0.3, 0.3, None)], 30),
+    ([(2.0, 2.0, 3), (None, 0.01, 12)], None),
+]
+
+
+def _schedule(shape: object, config: list[tuple[float | None, float, int | None]]) -> Schedule:
+    segments = [Segment(shape, start=a, end=b, steps=n) for a, b, n in config]  # type: ignore[arg-type]
+    return Schedule(segments)
+
+
+def _config(name: str, index: int) -> tuple[list[tuple[float | None, float, int | None]], int]:
+    """Config ``index`` for shape ``name``: non-constant shapes get a start apart from the end."""
+    config, total = CONFIGS[index]
+    if name != "constant":
+        config = [(None if a is None else a * 1.5 + 0.1, b, n) for a, b, n in config]
+    open_length = sum((n or 0) - 1 for _, _, n in config) + 1
+    return config, total if total is not None else open_length
+
+
+def test_shape_names_and_objects() -> None:
+    assert SHAPES == ("constant", "linear", "cosine", "exponential")
+    for name in SHAPES:
+        shape = OBJECTS[name]
+        assert isinstance(shape, NamedShape)
+        assert shape.name == name == repr(shape)
+        assert Segment(name, end=1.0).shape is shape
+        assert shape.__doc__ and shape.__doc__.strip()
+
+
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+@pytest.mark.parametrize("name", SHAPES)
+def test_function_form_gives_the_string_forms_values(name: str, index: int) -> None:
+    config, total = _config(name, index)
+    by_name = _schedule(name, config).with_total_steps(total)
+    by_object = _schedule(OBJECTS[name], config).with_total_steps(total)
+    assert by_object.segments == by_name.segments
+    assert len(by_object.values()) == total
+    assert by_object.values() == by_name.values()  # identical floats, not approx
+
+
+def test_called_shapes_give_their_formulas() -> None:
+    assert linear(2.0, 4.0, 0.25) == 2.5
+    assert cosine(1.0, 0.0, 0.5) == pytest.approx(0.5)
+    assert cosine(1.0, 0.0, 0.0) == 1.0 and cosine(1.0, 0.0, 1.0) == 0.0
+    assert exponential(1.0, 0.01, 0.5) == pytest.approx(0.1)
+    assert constant(3.0, 0.7, 0.0) == constant(3.0, 0.7, 1.0) == 0.7
+    warm = Schedule([Segment(linear, start=0, end=PEAK, steps=10), Segment(linear, end=0)], 30)
+    assert warm.values() == warmup(30).values()
+    assert warm.values()[:10] == pytest.approx([PEAK * i / 9 for i in range(10)])
+
+
+def test_segments_compare_hash_and_repr_alike() -> None:
+    for name, shape in OBJECTS.items():
+        by_name = Segment(name, start=0.5, end=0.5, steps=10)  # type: ignore[arg-type]
+        by_object = Segment(shape, start=0.5, end=0.5, steps=10)
+        assert by_object == by_name and hash(by_object) == hash(by_name)
+        assert (
+            repr(by_object)
+            == repr(by_name)
+            == (f"Segment(shape={name}, start=0.5, end=0.5, steps=10)")
+        )
+        assert pickle.loads(pickle.dumps(by_object)) == by_name
+        assert copy.deepcopy(by_object) == by_name
+    assert Segment(linear, end=1.0) != Segment("cosine", end=1.0)
+    assert Segment(linear, end=1.0) != Segment(lambda p: p, end=1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "message"),
+    [
+        ("exponential", [(0.0, 1.0, 3)], "exponential from 0.0 to 1.0; both ends must be positive"),
+        ("exponential", [(None, 1.0, 3)], "exponential from 0.0 to 1.0"),
+        ("exponential", [(1.0, -0.5, 3)], "exponential from 1.0 to -0.5"),
+        ("exponential", [(None, 0.0, 3)], "exponential from 0.0 to 0.0"),
+        ("constant", [(0.5, 1.0, 3)], "segment 0 .* constant but has start=0.5 and end=1.0"),
+        ("constant", [(0.2, 0.2, 3), (0.0, 0.2, 3)], "segment 1 .* start=0.0 and end=0.2"),
+    ],
+)
+def test_function_form_is_checked_like_the_string_form(
+    name: str, config: list[tuple[float | None, float, int | None]], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as by_name:
+        _schedule(name, config)
+    with pytest.raises(ConfigError, match=message) as by_object:
+        _schedule(OBJECTS[name], config)
+    assert str(by_object.value) == str(by_name.value)
+
+
+def test_a_constant_may_omit_start_or_repeat_its_end() -> None:
+    for shape in ("constant", constant):
+        ramp = [Segment("linear", end=1.0, steps=3)]
+        omitted = Schedule([*ramp, Segment(shape, end=0.4, steps=3)]).values()
+        repeated = Schedule([*ramp, Segment(shape, start=0.4, end=0.4, steps=3)]).values()
+        assert omitted == repeated == [0.0, 0.5, 1.0, 0.4, 0.4]
+
+
+def test_a_user_function_of_progress_still_bends_the_line() -> None:
+    def cosine_of_progress(p: float) -> float:
+        return (1.0 - math.cos(math.pi * p)) / 2.0
+
+    config: list[tuple[float | None, float, int | None]] = [(0.9, 0.1, 6), (None, 0.3, 4)]
+    assert _schedule(lambda p: p, config).values() == _schedule(linear, config).values()
+    assert _schedule(cosine_of_progress, config).values() == _schedule(cosine, config).values()
+    squared = _schedule(lambda p: p * p, [(1.0, 3.0, 3)]).values()
+    assert squared == [1.0, 1.5, 3.0]
+    user = Segment(cosine_of_progress, end=1.0)
+    assert user.shape is cosine_of_progress
+    with pytest.raises(ConfigError, match="shape must be one of 'constant', 'linear'"):
+        Segment("Linear", end=1.0)  # type: ignore[arg-type]
 
 
 # -- errors ---------------------------------------------------------------------------------
