@@ -26,6 +26,7 @@ from statemachine_loop.metrics import (
     KNOWN_METRICS,
     Metric,
     accuracy,
+    batch_losses_of,
     loss,
     matthews_correlation,
     perplexity,
@@ -208,7 +209,8 @@ def test_large_outputs_fold_before_the_chunk_fills(
     monkeypatch: pytest.MonkeyPatch, start: str
 ) -> None:
     """The buffer holds at most BUFFER_ELEMENTS output elements, whatever the chunk says."""
-    monkeypatch.setattr("statemachine_loop.metrics.BUFFER_ELEMENTS", 100)
+    # The buffering module owns the bound; metrics.BUFFER_ELEMENTS re-exports its value.
+    monkeypatch.setattr("statemachine_loop._buffered_metrics.BUFFER_ELEMENTS", 100)
     batches = _multiclass(seed=3, sizes=[8, 8, 8, 8, 8, 3], classes=5)  # 40 elements a batch
     metric = accuracy(chunk=1000)
     if start == "reset":  # a phase of small outputs before: the chunk is sized again
@@ -538,3 +540,26 @@ def test_two_metrics_with_one_name_are_refused(specs: list[Any]) -> None:
 def test_a_bare_string_is_refused() -> None:
     with pytest.raises(ConfigError, match="not the string 'accuracy'"):
         resolve_metrics("accuracy")
+
+
+# --- batch_losses_of --------------------------------------------------------------
+
+
+def test_batch_losses_of_the_built_in_loss_is_its_record() -> None:
+    metric = resolve_metrics([])[0]
+    record = batch_losses_of(metric)
+    assert record is not None and record.numel() == 0
+    losses = [0.5, 0.25, 2.0]
+    for value in losses:
+        metric.update(torch.zeros(3), torch.zeros(3), torch.tensor(value), 3)
+    record = batch_losses_of(metric)
+    assert record is not None
+    assert record.tolist() == losses
+    assert batch_losses_of(loss(name="other_loss", chunk=2)) is not None
+
+
+def test_batch_losses_of_a_user_metric_is_none() -> None:
+    mine = _Constant("loss")
+    mine.update(torch.zeros(3), torch.zeros(3), torch.tensor(1.0), 3)
+    assert batch_losses_of(mine) is None
+    assert batch_losses_of(accuracy()) is None
