@@ -2,7 +2,8 @@
 
 The lifecycle — twelve events from ``fit_start`` to ``fit_end`` — is a ``transitions``
 machine; callbacks are its transition hooks: guards that may veto, redirect or stop
-a proposed event, and observers that act after it. See ``docs/lifecycle.md``.
+a proposed event, and observers that act after it. What a hook may read from the loop
+is :class:`LoopView`. See ``docs/lifecycle.md``.
 """
 
 from statemachine_loop.callback import Callback
@@ -22,6 +23,7 @@ from statemachine_loop.machine import lifecycle_diagram
 from statemachine_loop.metrics import Metric
 from statemachine_loop.schedules import Schedule, Segment
 from statemachine_loop.step import Step
+from statemachine_loop.view import LoopView
 
 __all__ = [
     "Callback",
@@ -34,6 +36,7 @@ __all__ = [
     "IllegalRedirectError",
     "LifecycleError",
     "LoopError",
+    "LoopView",
     "Metric",
     "MissingDependencyError",
     "Schedule",

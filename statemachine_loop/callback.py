@@ -20,29 +20,37 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 import attrs
 
 from statemachine_loop.errors import ConfigError
-from statemachine_loop.events import ALL_EVENTS, Event
+from statemachine_loop.events import ALL_EVENTS, BATCH_EVENTS, PHASE_END, Event
 
 if TYPE_CHECKING:
     from statemachine_loop.decisions import Decision, Stop
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
-__all__ = ["NO_HOOKS", "Callback", "CallbackLike", "HookMap", "callback_name", "collect_hooks"]
+__all__ = [
+    "NO_HOOKS",
+    "Callback",
+    "CallbackLike",
+    "HookMap",
+    "callback_name",
+    "collect_hooks",
+    "ordered_callbacks",
+]
 
 _GUARD_PREFIX = "guard_"
 _OBSERVER_PREFIX = "on_"
 _HOOK_NAMES = frozenset(
     f"{prefix}{event.value}" for event in Event for prefix in (_GUARD_PREFIX, _OBSERVER_PREFIX)
 )
-#: ``(event, guard name, observer name)`` per event, spelled once (``Event.value`` is a
-#: Python-level property, read 24 times per callback otherwise).
+#: ``(event, guard name, observer name)`` per event, spelled once.
 _HOOKS_BY_EVENT = tuple(
     (event, _GUARD_PREFIX + event.value, _OBSERVER_PREFIX + event.value) for event in ALL_EVENTS
 )
 
-_MID_PHASE_OBSERVED = frozenset(
-    {Event.BATCH_START, Event.UPDATE_START, Event.INFERENCE_PREDICTION_END, Event.BATCH_END}
-)
-_MID_PHASE_GUARDED = _MID_PHASE_OBSERVED | {Event.TRAINING_END, Event.VALIDATION_END}
+#: Hooks of these events run at batch boundaries inside a phase: the batch events'
+#: guards and observers, and a phase end's guards (a wind-down after a failed fetch
+#: proposes the end at a batch boundary); a phase end's observers run after the phase.
+_MID_PHASE_OBSERVED = frozenset(BATCH_EVENTS)
+_MID_PHASE_GUARDED = _MID_PHASE_OBSERVED | frozenset(PHASE_END.values())
 
 
 class Callback:
@@ -84,10 +92,10 @@ class Callback:
 
 
 #: What ``callbacks=[...]`` accepts: a ``Callback`` or a plain observer ``fn(loop, event)``.
-CallbackLike: TypeAlias = "Callback | Callable[[TrainingLoop, Event], Stop | None]"
+CallbackLike: TypeAlias = "Callback | Callable[[LoopView, Event], Stop | None]"
 
 #: A bound hook: ``(callback name, fn(loop))``.
-Hook: TypeAlias = "tuple[str, Callable[[TrainingLoop], Decision | None]]"
+Hook: TypeAlias = "tuple[str, Callable[[LoopView], Decision | None]]"
 
 
 @attrs.frozen
@@ -98,8 +106,7 @@ class HookMap:
     observers: dict[Event, tuple[Hook, ...]]
     #: Per event, the names of the observers that may return ``Stop``.
     stoppers: dict[Event, frozenset[str]]
-    #: The events with at least one guard, and with at least one observer: all an
-    #: engine's per-event plan depends on, so an engine can reuse an earlier fit's.
+    #: The events with at least one guard, and with at least one observer.
     guarded: frozenset[Event] = attrs.field(init=False)
     observed: frozenset[Event] = attrs.field(init=False)
 
@@ -108,22 +115,37 @@ class HookMap:
         """Whether any hook can run at a batch boundary inside a phase.
 
         There a hook may take a checkpoint, which needs the random state of the
-        phase's start (see ``loop_state.capture``): the batch events' guards and
-        observers, and a phase end's guards (a wind-down after a failed fetch proposes
-        the end at a batch boundary); a phase end's observers run after the phase.
+        phase's start (see ``RunState.position``).
         """
         return not (
             self.guarded.isdisjoint(_MID_PHASE_GUARDED)
             and self.observed.isdisjoint(_MID_PHASE_OBSERVED)
         )
 
+    @property
+    def signature(self) -> list[tuple[str, int, int, int]]:
+        """Per event, how many guards, observers and stopping observers hook it.
+
+        Under ``torch.distributed`` every rank must give the same, or the ranks would
+        wait in different collectives.
+        """
+        return [
+            (
+                event.value,
+                len(self.guards[event]),
+                len(self.observers[event]),
+                len(self.stoppers[event]),
+            )
+            for event in ALL_EVENTS
+        ]
+
     @guarded.default
     def _hooked_by_guards(self) -> frozenset[Event]:
-        return frozenset(filter(self.guards.get, self.guards))  # filtered in C
+        return frozenset(event for event, hooks in self.guards.items() if hooks)
 
     @observed.default
     def _hooked_by_observers(self) -> frozenset[Event]:
-        return frozenset(filter(self.observers.get, self.observers))
+        return frozenset(event for event, hooks in self.observers.items() if hooks)
 
 
 #: The hooks of no callbacks: what :func:`collect_hooks` answers for an empty list,
@@ -150,7 +172,7 @@ _MISNAMED_HOOKS: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.Weak
 def _check_hook_names(callback: Callback) -> None:
     cls = type(callback)
     misnamed = _MISNAMED_HOOKS.get(cls)
-    if misnamed is None:  # scanning dir() costs more than the rest of collect_hooks
+    if misnamed is None:  # once per class: dir() walks the whole class hierarchy
         misnamed = _MISNAMED_HOOKS[cls] = tuple(
             attribute
             for attribute in dir(cls)
@@ -166,9 +188,9 @@ def _check_hook_names(callback: Callback) -> None:
 
 
 def _function_observer(
-    fn: Callable[[TrainingLoop, Event], Stop | None], event: Event
-) -> Callable[[TrainingLoop], Decision | None]:
-    def observe(loop: TrainingLoop) -> Decision | None:
+    fn: Callable[[LoopView, Event], Stop | None], event: Event
+) -> Callable[[LoopView], Decision | None]:
+    def observe(loop: LoopView) -> Decision | None:
         return fn(loop, event)
 
     return observe
@@ -209,3 +231,16 @@ def collect_hooks(callbacks: Sequence[object]) -> HookMap:
                 f"got {type(callback).__name__}: {callback!r}."
             )
     return HookMap(guards=guards, observers=observers, stoppers=stoppers)
+
+
+def ordered_callbacks(*groups: Sequence[CallbackLike]) -> tuple[CallbackLike, ...]:
+    """The callbacks of ``groups`` in the order their hooks run.
+
+    The groups' order (the loop's own callbacks, then a fit's), except that callbacks
+    whose class sets ``runs_last`` move to the end, keeping their relative order.
+    """
+    ordered = [callback for group in groups for callback in group]
+    return (
+        *(c for c in ordered if not getattr(c, "runs_last", False)),
+        *(c for c in ordered if getattr(c, "runs_last", False)),
+    )

@@ -26,8 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from statemachine_loop.callbacks._phases import format_value
-from statemachine_loop.callbacks.structured import BATCH_EVENTS
-from statemachine_loop.events import Event
+from statemachine_loop.events import BATCH_EVENTS, Event
 from statemachine_loop.logs import (
     LogReadError,
     Record,

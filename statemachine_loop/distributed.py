@@ -26,13 +26,21 @@ from typing import Any, TypeVar
 import attrs
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from statemachine_loop.errors import ConfigError
 from statemachine_loop.metrics import Metric
 
-__all__ = ["Collective", "distribute_data", "join_process_group", "set_sampler_epoch"]
+__all__ = [
+    "Collective",
+    "check_same_hooks",
+    "distribute_data",
+    "join_process_group",
+    "set_sampler_epoch",
+    "wrap_model",
+]
 
 _T = TypeVar("_T")
 
@@ -137,10 +145,9 @@ def _launched_by_torchrun() -> bool:
     """Whether ``torchrun``'s environment names a world of several processes.
 
     Read once per process, since ``torchrun`` sets it before the process starts (a
-    forked child, with another process id, reads it again): looking up a variable that
-    is not set raises and catches a ``KeyError`` inside ``os.environ``, about 25 us at
-    every fit start otherwise. Variables set later in the same process are not seen;
-    call ``torch.distributed.init_process_group`` instead, which every fit notices.
+    forked child, with another process id, reads it again). Variables set later in the
+    same process are not seen; call ``torch.distributed.init_process_group`` instead,
+    which every fit notices.
     """
     global _torchrun_environment
     pid = os.getpid()
@@ -149,6 +156,29 @@ def _launched_by_torchrun() -> bool:
         found = world > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
         _torchrun_environment = (pid, found)
     return _torchrun_environment[1]
+
+
+def check_same_hooks(signature: Sequence[object], collective: Collective) -> None:
+    """Refuse a fit whose ranks hook different events: they would wait on each other forever.
+
+    ``signature`` says which events this rank's callbacks hook and how
+    (``HookMap.signature``); every rank must give the same.
+    """
+    if any(other != signature for other in collective.gather(list(signature))):
+        raise ConfigError(
+            "Ranks were given different callbacks (their hooks differ), so they would "
+            "wait on each other forever; pass the same callbacks on every rank (the "
+            "built-in writers already write on rank 0 only)."
+        )
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in a ``DistributedDataParallel`` wrapper, unless it already is one."""
+    if isinstance(model, DistributedDataParallel):
+        return model
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def distribute_data(data: Iterable[_T], collective: Collective, *, name: str) -> Iterable[_T]:

@@ -2,14 +2,34 @@
 
 The events are exactly those of the original generalized training loop (Swift for
 TensorFlow's ``TrainingLoop``, after fastai's ``Learner``). They are the only triggers
-of the lifecycle machine (:mod:`statemachine_loop.machine`).
+of the lifecycle machine (:mod:`statemachine_loop.machine`). Everything the library
+knows about events as such — which close a scope, which run inside a batch, which
+open and close each phase — is defined here once and imported everywhere else.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from typing import Final, Literal, TypeAlias
 
-__all__ = ["ALL_EVENTS", "END_EVENTS", "Event", "START_EVENTS"]
+__all__ = [
+    "ALL_EVENTS",
+    "BATCH_EVENTS",
+    "END_EVENTS",
+    "Event",
+    "PHASES",
+    "PHASE_END",
+    "PHASE_OF_EVENT",
+    "PHASE_START",
+    "Phase",
+    "SCOPE_CLOSED",
+    "SCOPE_OPENED",
+    "START_EVENTS",
+    "Scope",
+    "TRAINING",
+    "VALIDATION",
+]
 
 
 class Event(enum.StrEnum):
@@ -44,7 +64,7 @@ class Event(enum.StrEnum):
 
 
 #: Events that close a scope; the wind-down fires only these.
-END_EVENTS: frozenset[Event] = frozenset(
+END_EVENTS: Final[frozenset[Event]] = frozenset(
     {
         Event.FIT_END,
         Event.EPOCH_END,
@@ -55,8 +75,61 @@ END_EVENTS: frozenset[Event] = frozenset(
 )
 
 #: Events that open a scope or a step inside one: the ones a guard may veto.
-START_EVENTS: frozenset[Event] = frozenset(Event) - END_EVENTS
+START_EVENTS: Final[frozenset[Event]] = frozenset(Event) - END_EVENTS
 
-#: Every event, in declaration order: a tuple, because iterating the enum class itself
-#: goes through a Python generator each time, and ``fit`` does it dozens of times.
-ALL_EVENTS: tuple[Event, ...] = tuple(Event)
+#: Every event, in declaration order (a tuple: iterating it is cheaper than the enum).
+ALL_EVENTS: Final[tuple[Event, ...]] = tuple(Event)
+
+#: The events that fire inside a phase, once per batch or less: a hook of one of
+#: them runs at batch boundaries (structured logs write them at debug level).
+BATCH_EVENTS: Final[tuple[Event, ...]] = (
+    Event.BATCH_START,
+    Event.UPDATE_START,
+    Event.INFERENCE_PREDICTION_END,
+    Event.BATCH_END,
+)
+
+#: The two phases of an epoch, spelled as in ``History``, the logs and monitors.
+Phase: TypeAlias = Literal["training", "validation"]
+#: The training phase.
+TRAINING: Final = "training"
+#: The validation phase.
+VALIDATION: Final = "validation"
+#: Both phases, in the order an epoch runs them.
+PHASES: Final[tuple[Phase, ...]] = (TRAINING, VALIDATION)
+
+#: The event that opens each phase.
+PHASE_START: Final[Mapping[Phase, Event]] = {
+    TRAINING: Event.TRAINING_START,
+    VALIDATION: Event.VALIDATION_START,
+}
+#: The event that closes each phase.
+PHASE_END: Final[Mapping[Phase, Event]] = {
+    TRAINING: Event.TRAINING_END,
+    VALIDATION: Event.VALIDATION_END,
+}
+#: The phase each phase start or end belongs to.
+PHASE_OF_EVENT: Final[Mapping[Event, Phase]] = {
+    **{event: phase for phase, event in PHASE_START.items()},
+    **{event: phase for phase, event in PHASE_END.items()},
+}
+
+#: The scopes of the lifecycle, outermost first.
+Scope: TypeAlias = Literal["fit", "epoch", "training", "validation", "batch"]
+#: The scope each start event opens (``update_start`` and
+#: ``inference_prediction_end`` are steps inside a batch, not scopes).
+SCOPE_OPENED: Final[Mapping[Event, Scope]] = {
+    Event.FIT_START: "fit",
+    Event.EPOCH_START: "epoch",
+    Event.TRAINING_START: TRAINING,
+    Event.VALIDATION_START: VALIDATION,
+    Event.BATCH_START: "batch",
+}
+#: The scope each end event closes.
+SCOPE_CLOSED: Final[Mapping[Event, Scope]] = {
+    Event.FIT_END: "fit",
+    Event.EPOCH_END: "epoch",
+    Event.TRAINING_END: TRAINING,
+    Event.VALIDATION_END: VALIDATION,
+    Event.BATCH_END: "batch",
+}

@@ -28,7 +28,7 @@ from statemachine_loop.machine import (
     build_machine,
     transition_table,
 )
-from statemachine_loop.testing.invariants import TraceViolation, assert_valid_trace, replay
+from statemachine_loop.trace import TraceViolation, assert_valid_trace, replay
 
 __all__ = [
     "LOG_FILE_NAME",
@@ -142,7 +142,7 @@ def validate(records: list[Record]) -> tuple[int, Violation | None]:
     """Replay every ``transition`` record through the lifecycle machine.
 
     Each fit (``run_id``) is checked with the same checker the conformance kit uses,
-    :func:`~statemachine_loop.testing.invariants.assert_valid_trace`: its events must
+    :func:`~statemachine_loop.trace.assert_valid_trace`: its events must
     be a word of the machine from ``idle`` to ``done``, with balanced scopes. Then
     every record's ``from_state`` and ``to_state`` must agree with the replay. Per-batch
     events that an INFO log leaves out need no special case: every batch returns the

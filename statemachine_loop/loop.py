@@ -1,55 +1,52 @@
 """``TrainingLoop``: a training loop whose lifecycle is a checked state machine.
 
-This module owns what the user configures and reads — the constructor's checks,
-the state visible to callbacks, and ``fit``'s orchestration: preflight, the process
-group, resume, binding the engine, and the wind-down after a stop or a failure.
-The iteration itself is the driver's (:mod:`statemachine_loop.driver`); legality is
-the machine's (:mod:`statemachine_loop.machine`).
+This module is the composition root: it owns what the user configures (the
+constructor's checks), the public surface hooks read (:class:`~.view.LoopView`), and
+``fit``'s orchestration — preflight, the process group, resume, one fresh
+:class:`~.run_state.RunState` and :class:`~.driver.Driver` per fit, binding the engine,
+and the wind-down after a stop or a failure. The iteration itself is the driver's;
+legality is the machine's (:mod:`statemachine_loop.machine`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from transitions import Machine
 
-from statemachine_loop.callback import CallbackLike, HookMap, collect_hooks
+from statemachine_loop.callback import CallbackLike, HookMap, collect_hooks, ordered_callbacks
 from statemachine_loop.decisions import DecisionRecord
-from statemachine_loop.dispatch import ENGINES, Stopping
-from statemachine_loop.distributed import (
-    Collective,
-    distribute_data,
-    join_process_group,
-)
+from statemachine_loop.dispatch import ENGINES
+from statemachine_loop.distributed import Collective
 from statemachine_loop.driver import Driver
 from statemachine_loop.errors import ConfigError, LifecycleError
-from statemachine_loop.events import ALL_EVENTS, Event
+from statemachine_loop.events import TRAINING, VALIDATION, Event
+from statemachine_loop.fit_setup import FitSetup, prepare_fit
 from statemachine_loop.history import History
 from statemachine_loop.loop_state import ResumePoint, capture, resolve_resume
 from statemachine_loop.machine import FINAL_STATE, INITIAL_STATE
-from statemachine_loop.metrics import Metric, _Loss, resolve_metrics
-from statemachine_loop.preflight import (
-    check_data,
-    check_fit_arguments,
-    move_optimizer_state,
-    resolve_device,
-)
+from statemachine_loop.metrics import Metric, batch_losses_of, resolve_metrics
+from statemachine_loop.policy import Stopping
+from statemachine_loop.precision import AutocastFactory, Precision
+from statemachine_loop.preflight import check_data, check_fit_arguments
+from statemachine_loop.run_state import RunField, RunState
 from statemachine_loop.step import LossFn, Step
 
 __all__ = ["TrainingLoop"]
 
 
-class TrainingLoop(Driver):
+class TrainingLoop:
     """A training loop whose lifecycle is a checked finite-state machine.
 
     Configure it once with the data, the optimizer, the loss and the metrics, then
     call :meth:`fit` with a model. Callbacks hook the twelve lifecycle events as
     guards (which may veto, redirect or stop a proposed event) and observers (which
-    act after it); see :class:`~statemachine_loop.Callback`.
+    act after it); see :class:`~statemachine_loop.Callback`. What a hook may read is
+    :class:`~statemachine_loop.LoopView`; the loop's attributes listed there belong to
+    the current fit (or the last one) and start afresh with each ``fit``.
 
     Args:
         training: an iterable of training batches, usually a ``DataLoader``.
@@ -81,9 +78,9 @@ class TrainingLoop(Driver):
         step: Step | None = None,
         progress: bool = True,
     ) -> None:
-        check_data("training", training)
+        check_data(TRAINING, training)
         if validation is not None:
-            check_data("validation", validation)
+            check_data(VALIDATION, validation)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
                 f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}."
@@ -94,9 +91,9 @@ class TrainingLoop(Driver):
             raise ConfigError(f"engine must be one of {sorted(ENGINES)}; got {engine!r}.")
         if step is not None and not isinstance(step, Step):
             raise ConfigError(f"step must be a Step instance; got {type(step).__name__}.")
-        if isinstance(metrics, str):
-            raise ConfigError(f"metrics must be a list of names; got the string {metrics!r}.")
+        #: The optimizer over the parameters of the model passed to ``fit``.
         self.optimizer = optimizer
+        #: The callbacks of every fit of this loop (a fit's own follow them).
         self.callbacks: list[CallbackLike] = list(callbacks)
         if progress:
             from statemachine_loop.callbacks.progress import ProgressBar
@@ -104,148 +101,19 @@ class TrainingLoop(Driver):
             if not any(isinstance(c, ProgressBar) for c in self.callbacks):
                 self.callbacks.insert(0, ProgressBar())
         collect_hooks(self.callbacks)  # fail on a bad callback now, not at fit time
-        self._training = training
-        self._validation = validation
-        self._fit_training, self._fit_validation = training, validation  # sharded per fit
+        self._training, self._validation = training, validation
         self._loss_fn = loss_fn
         self._step = step if step is not None else Step()
-        step_class = type(self._step)
-        self._plain_step = step_class.forward is Step.forward and step_class.loss is Step.loss
-        self._plain_batch = self._plain_step and (
-            step_class.split is Step.split and step_class.batch_size is Step.batch_size
-        )
         self._metrics = resolve_metrics(metrics)
-        self._engine = ENGINES[engine](self)
+        self._engine = ENGINES[engine]()
         #: The ``transitions`` machine of this loop: the authority on legality.
-        self.machine = self._engine.machine
-        self._entries: dict[Event, Callable[[], None]] = {
-            Event.TRAINING_START: self._open_training,
-            Event.VALIDATION_START: self._open_validation,
-            Event.TRAINING_END: self._close_phase,
-            Event.VALIDATION_END: self._close_phase,
-            Event.EPOCH_END: self._close_epoch,
-        }
-        self.model: torch.nn.Module | None = None
-        self.device = torch.device("cpu")
-        self.epoch_count = 0
-        self.epoch_index = 0
-        self.batch_index = 0
-        self.batch_count: int | None = None
-        #: Batches of the current phase whose ``batch_start`` was taken so far; each
-        #: gets exactly one ``batch_end`` (a vetoed batch is not counted). A phase-end
-        #: observer reads the phase's count here instead of counting per batch itself.
-        self.batches_run = 0
-        self.is_training = False
-        self.resuming = False
-        self.last_step_input: Any = None
-        self.last_step_target: Any = None
-        self.last_step_output: Any = None
-        self.last_step_loss: torch.Tensor | None = None
-        self.stop_reason: str | None = None
-        self.failure: BaseException | None = None
-        self.decisions: list[DecisionRecord] = []
-        self.history = History()
-        #: Set by a callback (``MixedPrecision``) to run forward and loss under autocast.
-        self.autocast: Callable[[], AbstractContextManager[Any]] | None = None
-        #: Set by a callback (``MixedPrecision`` with float16) to scale the loss.
-        self.grad_scaler: torch.amp.GradScaler | None = None
-        #: Where the checkpoint this fit resumed from was read, or ``None``.
-        self.resumed_from: str | None = None
-        self._phase_ran = False
-        self._validation_proposed = False
-        self._next_epoch = 0  # the epoch a checkpoint taken now would continue with
-        self._next_batch = 0  # likewise, the next batch of the current phase
-        self._phase_rng: dict[str, Any] | None = None
-        self._keep_phase_rng = True
-        self._fit_callbacks: list[CallbackLike] = []
-        self._final_metrics: dict[str, float] | None = None
-        #: The process group of the current fit, or ``None`` for a single process.
-        self.collective: Collective | None = None
-        self._resume: ResumePoint | None = None
-        self._move: Callable[[Any], Any] = self._first_move
+        self.machine: Machine = self._engine.machine
+        self._precision = Precision()
+        self._setup: FitSetup | None = None
+        self._run = RunState()
         self._running = False
 
-    @property
-    def state(self) -> str:
-        """The machine's current state name (``idle``, ``fit``, ``epoch``, ... ``done``)."""
-        return self._engine.model.state
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        """The keys of ``metrics`` and of each ``History`` entry (besides ``"epoch"``)."""
-        return tuple(metric.name for metric in self._metrics)
-
-    @property
-    def active_callbacks(self) -> tuple[CallbackLike, ...]:
-        """The callbacks of the current (or last) fit, in the order their hooks run."""
-        return tuple(self._fit_callbacks)
-
-    @property
-    def step(self) -> Step:
-        """The :class:`Step` that splits batches and computes outputs and losses."""
-        return self._step
-
-    @property
-    def _fit_datasets(self) -> tuple[Iterable[Any], ...]:
-        validation = self._fit_validation
-        return (self._fit_training,) if validation is None else (self._fit_training, validation)
-
-    @property
-    def rank(self) -> int:
-        """This process's rank under ``torch.distributed`` (0 for a single process)."""
-        return 0 if self.collective is None else self.collective.rank
-
-    @property
-    def world_size(self) -> int:
-        """How many processes run this fit (1 for a single process)."""
-        return 1 if self.collective is None else self.collective.world_size
-
-    @property
-    def is_main_process(self) -> bool:
-        """Whether this process writes logs and checkpoints (rank 0, or the only one)."""
-        return self.collective is None or self.collective.is_main
-
-    @property
-    def has_validation(self) -> bool:
-        """Whether the loop has validation data, so validation phases can run."""
-        return self._validation is not None
-
-    @property
-    def previous_state(self) -> str:
-        """The state the last taken event left: an observer sees ``previous_state -> state``."""
-        return self._engine.source
-
-    @property
-    def engine(self) -> str:
-        """The name of the engine that runs this loop's events."""
-        return self._engine.name
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        """The current phase's metric values so far; final after its end event.
-
-        Reading this synchronises with the device, so read it at phase ends or at a
-        progress display's refresh rate, not on every batch of a GPU run. Under
-        ``torch.distributed`` running values are this rank's; from the phase end on
-        they are the global values of all ranks.
-        """
-        if self._final_metrics is not None:
-            return dict(self._final_metrics)
-        return {metric.name: metric.compute() for metric in self._metrics}
-
-    def batch_losses(self) -> torch.Tensor | None:
-        """The current phase's per-batch losses so far, in batch order, detached.
-
-        One 1-D tensor on the device, kept by the built-in ``loss`` metric: one entry
-        per batch it scored (a batch whose prediction was vetoed has none, nor has the
-        batch a stop cut short between its loss and its metrics). Loggers read it in
-        chunks instead of detaching every ``last_step_loss`` again, which on a small
-        model is a measurable share of a step. Reading the values synchronises with
-        the device, so do it in chunks, not per batch. ``None`` when ``loss`` is a
-        user's own metric object, which keeps no such record.
-        """
-        loss_metric = self._metrics[0]
-        return loss_metric.batch_losses() if isinstance(loss_metric, _Loss) else None
+    # -- fit ---------------------------------------------------------------------------
 
     def fit(
         self,
@@ -277,55 +145,60 @@ class TrainingLoop(Driver):
             raise LifecycleError(
                 f"fit was called while this loop is already fitting (state {self.state!r})."
             )
-        tensors = check_fit_arguments(model, epochs, self.optimizer)
+        check_fit_arguments(model, epochs, self.optimizer)
         if self.state not in (INITIAL_STATE, FINAL_STATE):
             raise LifecycleError(f"fit cannot start from state {self.state!r}.")
-        ordered = [*self.callbacks, *callbacks]
-        self._fit_callbacks = [
-            *(c for c in ordered if not getattr(c, "runs_last", False)),
-            *(c for c in ordered if getattr(c, "runs_last", False)),
-        ]
-        hooks = collect_hooks(self._fit_callbacks)
-        self._keep_phase_rng = hooks.mid_phase
-        self._resume, self.resumed_from = resolve_resume(resume, self._fit_callbacks)
-        self.device = resolve_device(device)
-        self.collective = join_process_group(self.device)
-        on_device = all(tensor.device == self.device for tensor in tensors)
-        # model.to would be a no-op that still walks every module (~0.1 ms, per fit).
-        self.model = model if on_device else model.to(self.device)
-        self._fit_training, self._fit_validation = self._training, self._validation
-        if self.collective is not None:
-            self.model, self._fit_training, self._fit_validation = self._distribute(hooks)
-        move_optimizer_state(self.optimizer, self.device)
-        self.epoch_count = epochs
-        self.epoch_index = self.batch_index = 0
-        self.batch_count = None
-        self.is_training = self.resuming = False
-        self.last_step_input = self.last_step_target = None
-        self.last_step_output = self.last_step_loss = None
-        self.stop_reason = None
-        self.failure = None
-        self.decisions = []
-        self.history = History()
-        self._next_epoch = self._next_batch = 0
-        if self._resume is not None:
-            self._resume.restore_before_fit(self)
-            self.resuming = True
+        fit_callbacks = ordered_callbacks(self.callbacks, callbacks)
+        hooks = collect_hooks(fit_callbacks)
+        resume_point = resolve_resume(resume, fit_callbacks)
+        setup = self._setup = self._prepare(model, device, fit_callbacks, hooks)
+        run = self._run = RunState(epoch_count=epochs)
+        if resume_point is not None:
+            resume_point.restore_before_fit(setup, run)
+        driver = Driver(setup, run, self._engine)
         self._engine.bind(
             hooks,
-            self._entries,
-            can_validate=self._validation is not None,
-            collective=self.collective,
+            driver.entries,
+            view=self,
+            run=run,
+            can_validate=setup.validation is not None,
+            collective=setup.collective,
         )
+        self._drive(driver, resume_point)
+        return run.history
+
+    def _prepare(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device,
+        callbacks: tuple[CallbackLike, ...],
+        hooks: HookMap,
+    ) -> FitSetup:
+        return prepare_fit(
+            model,
+            device,
+            optimizer=self.optimizer,
+            loss_fn=self._loss_fn,
+            step=self._step,
+            metrics=self._metrics,
+            training=self._training,
+            validation=self._validation,
+            callbacks=callbacks,
+            hooks=hooks,
+            precision=self._precision,
+        )
+
+    def _drive(self, driver: Driver, resume: ResumePoint | None) -> None:
+        """Run the driver; wind down after a stop or a failure (re-raised unchanged)."""
         grad_enabled = torch.is_grad_enabled()
         self._running = True
         stopped = False
         try:
-            self._run_fit()
+            driver.run(resume)
         except Stopping:
             stopped = True
         except BaseException as failure:
-            self.failure = failure
+            self._run.failed(failure)
             for error, name, event in self._engine.wind_down():
                 failure.add_note(_wind_down_note(error, name, event))
             raise
@@ -334,44 +207,6 @@ class TrainingLoop(Driver):
             torch.set_grad_enabled(grad_enabled)
         if stopped:
             self._wind_down_after_stop()
-        return self.history
-
-    def _distribute(
-        self, hooks: HookMap
-    ) -> tuple[torch.nn.Module, Iterable[Any], Iterable[Any] | None]:
-        """Check every rank hooks the same events; wrap the model; shard the data."""
-        assert self.collective is not None and self.model is not None
-        signature = _hook_signature(hooks)
-        if any(other != signature for other in self.collective.gather(signature)):
-            raise ConfigError(
-                "Ranks were given different callbacks (their hooks differ), so they would "
-                "wait on each other forever; pass the same callbacks on every rank (the "
-                "built-in writers already write on rank 0 only)."
-            )
-        model = self.model
-        if not isinstance(model, DistributedDataParallel):
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
-        validation = self._validation
-        return (
-            model,
-            distribute_data(self._training, self.collective, name="training"),
-            None
-            if validation is None
-            else distribute_data(validation, self.collective, name="validation"),
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs, as tensors and plain data (see ``Checkpoint``).
-
-        Legal only where the state is exact: between epochs (observers of
-        ``epoch_end``, guards of ``epoch_start``) and at batch boundaries (observers
-        of ``batch_end``, a phase start's observers). After a batch was fetched, and
-        until it ends, the data's generators have drawn for it, so a resume would draw
-        again: there (guards of ``batch_start`` and of the phase ends) it raises
-        ``LifecycleError``.
-        """
-        return capture(self)
 
     def _wind_down_after_stop(self) -> None:
         errors = self._engine.wind_down()
@@ -379,20 +214,183 @@ class TrainingLoop(Driver):
             first, _, _ = errors[0]
             for error, name, event in errors[1:]:
                 first.add_note(_wind_down_note(error, name, event))
-            self.failure = first
+            self._run.failed(first)
             raise first
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, as tensors and plain data (see ``Checkpoint``).
 
-def _hook_signature(hooks: HookMap) -> list[tuple[str, int, int, int]]:
-    return [
-        (
-            event.value,
-            len(hooks.guards[event]),
-            len(hooks.observers[event]),
-            len(hooks.stoppers[event]),
-        )
-        for event in ALL_EVENTS
-    ]
+        Legal only where the state is exact: between epochs (observers of
+        ``epoch_end``, guards of ``epoch_start``) and at batch boundaries (observers
+        of ``batch_end``, a phase start's observers). After a batch was fetched, and
+        until it ends, the data's generators have drawn for it, so a resume would
+        draw again: there (guards of ``batch_start`` and of the phase ends) it raises
+        ``LifecycleError``.
+        """
+        setup = self._setup
+        if setup is None:
+            raise LifecycleError(
+                "state_dict() needs a fit: it captures a fit's state at an exact boundary; "
+                f"the loop is in state {self.state!r} and has not fitted yet."
+            )
+        return capture(setup, self._run, self.state, self.previous_state)
+
+    # -- where the machine is ----------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """The machine's current state name (``idle``, ``fit``, ``epoch``, ... ``done``)."""
+        return self._engine.state
+
+    @property
+    def previous_state(self) -> str:
+        """The state the last taken event left: an observer sees ``previous_state -> state``."""
+        return self._engine.source
+
+    @property
+    def engine(self) -> str:
+        """The name of the engine that runs this loop's events."""
+        return self._engine.name
+
+    # -- the current fit's run state ---------------------------------------------------
+
+    epoch_count = RunField[int]()
+    """How many epochs the current (or last) fit was asked for."""
+    epoch_index = RunField[int]()
+    """The current epoch, from 0."""
+    batch_index = RunField[int]()
+    """The current batch of the current phase, from 0 (vetoed batches count)."""
+    batch_count = RunField[int | None]()
+    """How many batches the current phase's data holds; ``None`` when it cannot say."""
+    batches_run = RunField[int]()
+    """Batches of the current phase whose ``batch_start`` was taken so far.
+
+    Each gets exactly one ``batch_end`` (a vetoed batch is not counted); a phase-end
+    observer reads the phase's count here instead of counting per batch itself.
+    """
+    is_training = RunField[bool]()
+    """Whether the current (or last) phase is a training phase."""
+    resuming = RunField[bool]()
+    """True while a resumed fit fires the events that re-enter the saved state."""
+    last_step_input = RunField[Any]()
+    """The current batch's input, as the ``Step`` split it (on the device)."""
+    last_step_target = RunField[Any]()
+    """The current batch's target."""
+    last_step_output = RunField[Any]()
+    """The model's output for the current batch, once the forward pass ran."""
+    last_step_loss = RunField[torch.Tensor | None]()
+    """The current batch's scalar loss, once computed (attached to its graph)."""
+    stop_reason = RunField[str | None]()
+    """Why the loop is stopping (or stopped), once a ``Stop`` was applied."""
+    failure = RunField[BaseException | None]()
+    """The exception the loop is winding down from (or wound down from)."""
+    decisions = RunField[list[DecisionRecord]]()
+    """Every decision a hook took in this fit, in order, applied or not."""
+    history = RunField[History]()
+    """The final metric values of every phase that ran, so far."""
+    resumed_from = RunField[str | None]()
+    """Where the checkpoint this fit resumed from was read, or ``None``."""
+
+    @property
+    def autocast(self) -> AutocastFactory | None:
+        """Set by a callback (``MixedPrecision``) to run forward and loss under autocast."""
+        return self._precision.autocast
+
+    @autocast.setter
+    def autocast(self, factory: AutocastFactory | None) -> None:
+        self._precision.autocast = factory
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """Set by a callback (``MixedPrecision`` with float16) to scale the loss."""
+        return self._precision.grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        self._precision.grad_scaler = scaler
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The current phase's metric values so far; final after its end event.
+
+        Reading this synchronises with the device, so read it at phase ends or at a
+        progress display's refresh rate, not on every batch of a GPU run. Under
+        ``torch.distributed`` running values are this rank's; from the phase end on
+        they are the global values of all ranks.
+        """
+        final = self._run.final_metrics
+        if final is not None:
+            return dict(final)
+        return {metric.name: metric.compute() for metric in self._metrics}
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys of ``metrics`` and of each ``History`` entry (besides ``"epoch"``)."""
+        return tuple(metric.name for metric in self._metrics)
+
+    def batch_losses(self) -> torch.Tensor | None:
+        """The current phase's per-batch losses so far, in batch order, detached.
+
+        One 1-D tensor on the device, kept by the built-in ``loss`` metric: one entry
+        per batch it scored (a batch whose prediction was vetoed has none, nor has the
+        batch a stop cut short between its loss and its metrics). Loggers read it in
+        chunks instead of detaching every ``last_step_loss`` again. Reading the values
+        synchronises with the device, so do it in chunks, not per batch. ``None`` when
+        ``loss`` is a user's own metric object, which keeps no such record.
+        """
+        return batch_losses_of(self._metrics[0])
+
+    # -- the configuration -------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model of the current (or last) fit, wrapped under ``torch.distributed``."""
+        return None if self._setup is None else self._setup.model
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the current (or last) fit (the CPU before the first)."""
+        return torch.device("cpu") if self._setup is None else self._setup.device
+
+    @property
+    def step(self) -> Step:
+        """The :class:`Step` that splits batches and computes outputs and losses."""
+        return self._step
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the loop has validation data, so validation phases can run."""
+        return self._validation is not None
+
+    @property
+    def active_callbacks(self) -> tuple[CallbackLike, ...]:
+        """The callbacks of the current (or last) fit, in the order their hooks run."""
+        return () if self._setup is None else self._setup.callbacks
+
+    # -- the process group -------------------------------------------------------------
+
+    @property
+    def collective(self) -> Collective | None:
+        """The process group of the current fit, or ``None`` for a single process."""
+        return None if self._setup is None else self._setup.collective
+
+    @property
+    def rank(self) -> int:
+        """This process's rank under ``torch.distributed`` (0 for a single process)."""
+        collective = self.collective
+        return 0 if collective is None else collective.rank
+
+    @property
+    def world_size(self) -> int:
+        """How many processes run this fit (1 for a single process)."""
+        collective = self.collective
+        return 1 if collective is None else collective.world_size
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes logs and checkpoints (rank 0, or the only one)."""
+        collective = self.collective
+        return collective is None or collective.is_main
 
 
 def _wind_down_note(error: BaseException, name: str, event: Event) -> str:

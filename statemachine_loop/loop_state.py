@@ -1,4 +1,4 @@
-"""A loop's state at a batch boundary, as a checkpoint payload, and its restoration.
+"""A fit's state at an exact boundary, as a checkpoint payload, and its restoration.
 
 :func:`capture` is what ``TrainingLoop.state_dict()`` returns: everything a resumed
 run needs to continue exactly — model, optimizer, grad scaler, History, every
@@ -10,7 +10,8 @@ The payload holds only tensors and plain data, so it loads with
 
 :class:`ResumePoint` reads a payload back; the driver re-enters the saved state by
 firing ``fit_start`` and the open scopes' start events, restoring each part right
-after the event whose entry work would otherwise reset it.
+after the event whose entry work would otherwise reset it. What it restores into the
+run state goes through the run state's own moments (:class:`RunState`).
 """
 
 from __future__ import annotations
@@ -19,33 +20,26 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from statemachine_loop.callback import Callback
-from statemachine_loop.errors import ConfigError, LifecycleError
+from statemachine_loop.errors import ConfigError
+from statemachine_loop.fit_setup import FitSetup
 from statemachine_loop.history import History
+from statemachine_loop.machine import BETWEEN_EPOCHS
+from statemachine_loop.models import unwrap
 from statemachine_loop.resume import capture_rng, data_rng, restore_data_rng, restore_rng
+from statemachine_loop.run_state import RunState
 
-if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
-
-__all__ = [
-    "FORMAT",
-    "RESUMABLE_STATES",
-    "ResumePoint",
-    "callback_states",
-    "capture",
-    "resolve_resume",
-]
+__all__ = ["FORMAT", "ResumePoint", "callback_states", "capture", "resolve_resume"]
 
 #: Identifies a loop payload inside a checkpoint file.
 FORMAT = "statemachine_loop.loop_state/1"
-#: The states a checkpoint can be taken in: between epochs, or at a batch boundary.
-RESUMABLE_STATES = ("fit", "training", "validation")
+#: What ``resumed_from`` says for a payload given in memory.
+IN_MEMORY = "<memory>"
 
 
 def _keyed(callbacks: Sequence[object]) -> list[tuple[str, Callback]]:
@@ -69,67 +63,39 @@ def callback_states(callbacks: Sequence[object]) -> dict[str, dict[str, Any]]:
     return {key: state for key, state in states.items() if state}
 
 
-def capture(loop: TrainingLoop) -> dict[str, Any]:
-    """The loop's checkpoint payload; only legal where a resumed run can re-enter."""
-    state = loop.state
-    fetched_ahead = state != "fit" and loop._next_batch < 0
-    if state not in RESUMABLE_STATES or loop.model is None or fetched_ahead:
-        raise LifecycleError(
-            f"A checkpoint is exact only between epochs or at a batch boundary: in "
-            f"observers of batch_end or epoch_end (or anywhere in states "
-            f"{list(RESUMABLE_STATES)} before a phase fetched its next batch); the loop "
-            f"is in state {state!r} at {loop.previous_state!r} -> {state!r}, with a "
-            "batch already fetched or the data exhausted."
-        )
-    if state != "fit" and loop._next_batch > 0 and loop._phase_rng is None:
-        raise LifecycleError(
-            f"A checkpoint inside a phase needs the random state of the phase's start, "
-            f"which the loop keeps only when a hook of this fit runs inside phases (a "
-            f"guard or observer of a batch event); state_dict() was called in state "
-            f"{state!r} after batch {loop._next_batch - 1} from outside such a hook. "
-            "Take checkpoints from an observer of batch_end or epoch_end."
-        )
+def capture(setup: FitSetup, run: RunState, state: str, previous_state: str) -> dict[str, Any]:
+    """The fit's checkpoint payload; only legal where a resumed run can re-enter.
+
+    ``state`` and ``previous_state`` are where the machine is; the position, and the
+    check that it is exact, are the run state's (:meth:`RunState.position`).
+    """
+    position = run.position(state, previous_state)
+    model, scaler = unwrap(setup.model), setup.precision.grad_scaler
     payload: dict[str, Any] = {
         "format": FORMAT,
-        "position": {
-            "state": state,
-            "epoch_index": loop.epoch_index,
-            "batch_index": loop.batch_index,
-            "batch_count": loop.batch_count,
-            "is_training": loop.is_training,
-            "stop_reason": loop.stop_reason,
-            "next_epoch": loop._next_epoch,
-            "next_batch": loop._next_batch if state != "fit" else 0,
-            "epoch_count": loop.epoch_count,
-        },
-        "model": unwrap(loop.model).state_dict(),
-        "optimizer": loop.optimizer.state_dict(),
-        "grad_scaler": None if loop.grad_scaler is None else loop.grad_scaler.state_dict(),
-        "history": loop.history.as_dict(),
-        "callbacks": callback_states(loop._fit_callbacks),
+        "position": position,
+        "model": model.state_dict(),
+        "optimizer": setup.optimizer.state_dict(),
+        "grad_scaler": None if scaler is None else scaler.state_dict(),
+        "history": run.history.as_dict(),
+        "callbacks": callback_states(setup.callbacks),
     }
     # What differs between ranks: random state, data position, metric accumulators.
-    local: dict[str, Any] = {"rng": capture_rng(), "data_rng": data_rng(loop._fit_datasets)}
-    if state != "fit":
-        local["metrics"] = {metric.name: _metric_state(metric) for metric in loop._metrics}
-        local["phase_rng"] = loop._phase_rng
+    local: dict[str, Any] = {"rng": capture_rng(), "data_rng": data_rng(setup.datasets)}
+    if state != BETWEEN_EPOCHS:
+        local["metrics"] = {metric.name: _metric_state(metric) for metric in setup.metrics}
+        local["phase_rng"] = run.phase_rng
         payload["phase"] = {
             "grads": {  # equal on every rank: DDP all-reduced them
                 name: parameter.grad.detach().clone()
-                for name, parameter in unwrap(loop.model).named_parameters()
+                for name, parameter in model.named_parameters()
                 if parameter.grad is not None
             },
-            "ran": loop._phase_ran,
+            "ran": run.phase_ran,
         }
-    payload["ranks"] = [local] if loop.collective is None else loop.collective.gather(local)
+    collective = setup.collective
+    payload["ranks"] = [local] if collective is None else collective.gather(local)
     return payload
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside a ``DistributedDataParallel`` wrapper (or the module)."""
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    assert isinstance(inner, torch.nn.Module)
-    return inner
 
 
 def _check_fits(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
@@ -173,13 +139,16 @@ class ResumePoint:
     next_epoch: int
     next_batch: int
     payload: dict[str, Any]
+    #: Where the payload was read: a path, or :data:`IN_MEMORY`.
+    source: str
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], source: str) -> ResumePoint:
         """Check that ``payload`` is a loop state and read its position."""
         if payload.get("format") != FORMAT:
+            shown = "the given state" if source == IN_MEMORY else source
             raise ConfigError(
-                f"{source} is not a statemachine_loop checkpoint (format "
+                f"{shown} is not a statemachine_loop checkpoint (format "
                 f"{payload.get('format')!r}, expected {FORMAT!r})."
             )
         position = payload["position"]
@@ -190,6 +159,7 @@ class ResumePoint:
             next_epoch=int(position["next_epoch"]),
             next_batch=int(position["next_batch"]),
             payload=payload,
+            source=source,
         )
 
     @property
@@ -201,46 +171,54 @@ class ResumePoint:
     @property
     def mid_phase(self) -> bool:
         """Whether the checkpoint was taken inside a training or validation phase."""
-        return self.state != "fit"
+        return self.state != BETWEEN_EPOCHS
 
-    def rank_state(self, loop: TrainingLoop) -> dict[str, Any]:
+    def rank_state(self, setup: FitSetup) -> dict[str, Any]:
         """This rank's share of the payload: its random state and metric accumulators."""
         ranks: list[dict[str, Any]] = self.payload["ranks"]
-        if len(ranks) != loop.world_size:
+        collective = setup.collective
+        world_size, rank = (
+            (1, 0) if collective is None else (collective.world_size, collective.rank)
+        )
+        if len(ranks) != world_size:
             raise ConfigError(
                 f"The checkpoint was written by {len(ranks)} process(es) but this fit runs "
-                f"{loop.world_size}; resume with the same number of processes."
+                f"{world_size}; resume with the same number of processes."
             )
-        return ranks[loop.rank]
+        return ranks[rank]
 
-    def restore_before_fit(self, loop: TrainingLoop) -> None:
+    def restore_before_fit(self, setup: FitSetup, run: RunState) -> None:
         """Model, optimizer and History: what observers of the re-entry events may read."""
-        assert loop.model is not None
         last = self.epoch_index if self.mid_phase else self.next_epoch - 1
-        if last >= loop.epoch_count:
+        if last >= run.epoch_count:
             raise ConfigError(
                 f"The checkpoint is at epoch index {last} but this fit asks for only "
-                f"{loop.epoch_count} epoch(s); pass epochs > {last} to continue it."
+                f"{run.epoch_count} epoch(s); pass epochs > {last} to continue it."
             )
-        self.rank_state(loop)  # the process count must match before anything is loaded
-        _check_fits(unwrap(loop.model), self.payload["model"])
+        self.rank_state(setup)  # the process count must match before anything is loaded
+        model = unwrap(setup.model)
+        _check_fits(model, self.payload["model"])
         try:
-            unwrap(loop.model).load_state_dict(self.payload["model"])
-            loop.optimizer.load_state_dict(self.payload["optimizer"])
+            model.load_state_dict(self.payload["model"])
+            setup.optimizer.load_state_dict(self.payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise ConfigError(
                 f"The checkpoint does not fit this model and optimizer: {error}"
             ) from None
-        position = self.payload["position"]
-        loop.epoch_index, loop.batch_index = self.epoch_index, self.batch_index
-        loop.is_training, loop.batch_count = position["is_training"], position["batch_count"]
-        history = self.payload["history"]
-        loop.history = History(training=history["training"], validation=history["validation"])
+        position, history = self.payload["position"], self.payload["history"]
+        run.resumed(
+            source=self.source,
+            epoch_index=self.epoch_index,
+            batch_index=self.batch_index,
+            batch_count=position["batch_count"],
+            is_training=position["is_training"],
+            history=History(training=history["training"], validation=history["validation"]),
+        )
 
-    def restore_after_fit_start(self, loop: TrainingLoop) -> None:
+    def restore_after_fit_start(self, setup: FitSetup) -> None:
         """Callbacks' state and the grad scaler, after their ``on_fit_start`` set them up."""
         saved: dict[str, dict[str, Any]] = self.payload["callbacks"]
-        current = dict(_keyed(loop._fit_callbacks))
+        current = dict(_keyed(setup.callbacks))
         unknown = sorted(set(saved) - set(current))
         if unknown:
             raise ConfigError(
@@ -249,38 +227,38 @@ class ResumePoint:
             )
         for key, state in saved.items():
             current[key].load_state_dict(state)
-        scaler_state = self.payload["grad_scaler"]
-        if scaler_state is not None and loop.grad_scaler is not None:
-            loop.grad_scaler.load_state_dict(scaler_state)
+        scaler_state, scaler = self.payload["grad_scaler"], setup.precision.grad_scaler
+        if scaler_state is not None and scaler is not None:
+            scaler.load_state_dict(scaler_state)
 
-    def restore_rng(self, loop: TrainingLoop) -> None:
+    def restore_rng(self, setup: FitSetup) -> None:
         """Every generator as it was at the checkpoint: global ones and the data's own."""
-        local = self.rank_state(loop)
+        local = self.rank_state(setup)
         restore_rng(local["rng"])
-        restore_data_rng(loop._fit_datasets, local["data_rng"])
+        restore_data_rng(setup.datasets, local["data_rng"])
 
-    def restore_phase(self, loop: TrainingLoop) -> None:
+    def restore_phase(self, setup: FitSetup, run: RunState) -> None:
         """Metric accumulators and pending gradients, after the phase start's reset."""
-        assert loop.model is not None
         phase = self.payload["phase"]
-        metric_states = self.rank_state(loop)["metrics"]
-        for metric in loop._metrics:
+        metric_states = self.rank_state(setup)["metrics"]
+        for metric in setup.metrics:
             state = metric_states.get(metric.name)
             load = getattr(metric, "load_state_dict", None)
             if state is not None and load is not None:
                 load(state)
         grads: dict[str, torch.Tensor] = phase["grads"]
-        for name, parameter in unwrap(loop.model).named_parameters():
+        for name, parameter in unwrap(setup.model).named_parameters():
             grad = grads.get(name)
             parameter.grad = None if grad is None else grad.to(parameter.device)
-        loop._phase_ran = bool(phase["ran"])
-        loop.batch_index = self.batch_index
+        run.reentered_phase(
+            batch_index=self.batch_index, next_batch=self.next_batch, ran=bool(phase["ran"])
+        )
 
 
 def resolve_resume(
     resume: str | os.PathLike[str] | Mapping[str, Any] | None, callbacks: Sequence[object]
-) -> tuple[ResumePoint | None, str | None]:
-    """Read the checkpoint ``fit(resume=...)`` names; ``(None, None)`` for a fresh start.
+) -> ResumePoint | None:
+    """Read the checkpoint ``fit(resume=...)`` names; ``None`` for a fresh start.
 
     ``"auto"`` takes the newest valid checkpoint in the directory of the fit's
     ``Checkpoint`` callback (corrupt newer ones are skipped with a warning), or
@@ -288,9 +266,9 @@ def resolve_resume(
     returned by ``loop.state_dict()``.
     """
     if resume is None:
-        return None, None
+        return None
     if isinstance(resume, Mapping):
-        return ResumePoint.from_payload(dict(resume), "the given state"), "<memory>"
+        return ResumePoint.from_payload(dict(resume), IN_MEMORY)
     from statemachine_loop.callbacks.checkpoint import Checkpoint
     from statemachine_loop.checkpoint_io import list_checkpoints, load_checkpoint
 
@@ -303,8 +281,8 @@ def resolve_resume(
             )
         path = checkpointers[0].directory
         if not list_checkpoints(path):
-            return None, None
+            return None
     else:
         path = Path(resume)
     payload, info = load_checkpoint(path)
-    return ResumePoint.from_payload(payload, str(info.path)), str(info.path)
+    return ResumePoint.from_payload(payload, str(info.path))

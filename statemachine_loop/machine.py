@@ -27,13 +27,16 @@ from typing import Any, Final, Literal
 
 from transitions import Machine
 
-from statemachine_loop.events import END_EVENTS, Event
+from statemachine_loop.events import END_EVENTS, TRAINING, VALIDATION, Event, Phase
 
 __all__ = [
+    "BETWEEN_EPOCHS",
+    "FINAL_STATE",
     "INITIAL_STATE",
     "MachineModel",
-    "FINAL_STATE",
+    "PHASE_OF_STATE",
     "REDIRECT_TARGETS",
+    "RESUMABLE_STATES",
     "STATES",
     "TRANSITIONS",
     "build_machine",
@@ -62,6 +65,24 @@ STATES: Final[tuple[str, ...]] = (
     "validated",
     "done",
 )
+
+#: Inside ``fit``, between epochs: where every epoch starts and ends.
+BETWEEN_EPOCHS: Final = "fit"
+
+#: The phase each state lies in (a phase's own state is named after the phase: the
+#: loop is there between two batches); states outside any phase are absent.
+PHASE_OF_STATE: Final[Mapping[str, Phase]] = {
+    TRAINING: TRAINING,
+    "training_batch": TRAINING,
+    "updating": TRAINING,
+    VALIDATION: VALIDATION,
+    "validation_batch": VALIDATION,
+    "predicted": VALIDATION,
+}
+
+#: The states a checkpoint can be taken in: between epochs, or at a batch boundary
+#: inside a phase (the phase's own state).
+RESUMABLE_STATES: Final[tuple[str, ...]] = (BETWEEN_EPOCHS, TRAINING, VALIDATION)
 
 #: The lifecycle's transitions: ``(event, sources, destination)``.
 TRANSITIONS: Final[tuple[tuple[Event, tuple[str, ...], str], ...]] = (

@@ -3,7 +3,7 @@
 Bad input must fail with a :class:`~statemachine_loop.ConfigError` that names the
 argument, what was expected and what was given — never with a traceback from deep
 inside torch. What can only be seen at the first batch (the loss's shape) is
-checked by :func:`checked_loss` on the hot path, at the cost of one attribute read.
+checked for every batch by :func:`checked_loss`.
 """
 
 from __future__ import annotations
@@ -51,27 +51,13 @@ def length_of(data: object) -> int | None:
         return None
 
 
-def check_fit_arguments(
-    model: object, epochs: object, optimizer: torch.optim.Optimizer
-) -> list[torch.Tensor]:
-    """``model`` a module whose parameters the optimizer holds; ``epochs`` an int >= 1.
-
-    Returns the model's parameters and buffers, from one walk of the module tree, so
-    the caller's device check need not walk it again: each walk through the public
-    ``parameters()`` / ``buffers()`` generators costs tens of microseconds at a fit's
-    start, even for a small model. The walk reads each module's own ``_parameters``
-    and ``_buffers``, as those generators do.
-    """
+def check_fit_arguments(model: object, epochs: object, optimizer: torch.optim.Optimizer) -> None:
+    """``model`` a module whose parameters the optimizer holds; ``epochs`` an int >= 1."""
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1; got {epochs!r}.")
-    parameters: list[torch.Tensor | None] = []
-    buffers: list[torch.Tensor | None] = []
-    for module in model.modules():
-        parameters += module._parameters.values()
-        buffers += module._buffers.values()
-    ids = set(map(id, parameters))
+    ids = {id(parameter) for parameter in model.parameters()}
     foreign = sum(
         1 for group in optimizer.param_groups for p in group["params"] if id(p) not in ids
     )
@@ -81,7 +67,6 @@ def check_fit_arguments(
             f"model passed to fit ({type(model).__name__}); build the optimizer from "
             "this model's parameters()."
         )
-    return [tensor for tensor in parameters + buffers if tensor is not None]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

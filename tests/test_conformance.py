@@ -199,7 +199,7 @@ BROKEN: dict[str, tuple[Callable[[], Callback], str, str]] = {
     "returns a non-decision from a guard": (AllowsBatches, "illegal-decision", "returned True"),
     "crashes in the wind-down": (TrainingAccuracy, "wind-down", "AttributeError"),
     "keeps a Path in its state": (RunLogPath, "state-dict", "weights_only=True"),
-    "writes the loop's epoch_index": (ResetsEpochIndex, "invalid-trace", "Invariant 4"),
+    "writes the loop's epoch_index": (ResetsEpochIndex, "raised", "epoch_index"),
     "leaves a thread running": (Heartbeat, "leak", "running thread 'heartbeat'"),
 }
 

@@ -21,7 +21,7 @@ from statemachine_loop import (
     Veto,
 )
 from statemachine_loop.testing import TraceRecorder
-from statemachine_loop.testing.invariants import assert_valid_trace
+from statemachine_loop.trace import assert_valid_trace
 from tests.helpers import ENGINES, Inject, make_loop, make_model, record_tuple
 
 

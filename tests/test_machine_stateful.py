@@ -21,16 +21,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from transitions import MachineError
 
+from statemachine_loop import trace as trace_checker
 from statemachine_loop.callback import collect_hooks
 from statemachine_loop.decisions import Stop
 from statemachine_loop.dispatch import CompiledEngine, TransitionsEngine
 from statemachine_loop.errors import LifecycleError
 from statemachine_loop.events import Event
 from statemachine_loop.machine import MachineModel, build_machine, wind_down_paths
-from statemachine_loop.testing import invariants
-from statemachine_loop.testing.invariants import TraceViolation, assert_valid_trace, replay
+from statemachine_loop.run_state import RunState
 from statemachine_loop.testing.recorder import TraceEntry, TraceRecorder
 from statemachine_loop.testing.strategies import RunShape, ScriptStep, scripted_callbacks, tiny_loop
+from statemachine_loop.trace import TraceViolation, assert_valid_trace, replay
 
 E = Event
 #: lifecycle.md, "States and transitions": (state, event) -> destination.
@@ -153,9 +154,9 @@ class EngineLockstep(RuleBasedStateMachine):
     def bind(self) -> None:
         loop, _ = tiny_loop(RunShape(1, 1, 1))
         hooks = collect_hooks([])
-        self.engines: list[Any] = [CompiledEngine(loop), TransitionsEngine(loop)]
+        self.engines: list[Any] = [CompiledEngine(), TransitionsEngine()]
         for engine in self.engines:
-            engine.bind(hooks, {}, can_validate=True)
+            engine.bind(hooks, {}, view=loop, run=RunState(), can_validate=True)
         self.expected = "idle"
 
     @rule(event=st.sampled_from(list(Event)))
@@ -283,7 +284,7 @@ class _Anything:
 def test_scope_and_step_rules_hold_even_where_a_machine_would_allow_more(
     monkeypatch: pytest.MonkeyPatch, trace: list[Event], number: int, index: int
 ) -> None:
-    monkeypatch.setattr(invariants, "_table", _Anything)
+    monkeypatch.setattr(trace_checker, "_table", _Anything)
     error = violation(trace)
     assert (error.rule, error.index) == (number, index)
 

@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 
 from statemachine_loop import Callback, DecisionKind, Event, LoopError, Redirect, Stop, Veto
 from statemachine_loop.events import END_EVENTS
-from statemachine_loop.testing.invariants import assert_valid_trace, replay
 from statemachine_loop.testing.recorder import TraceEntry, TraceRecorder
 from statemachine_loop.testing.strategies import (
     Raise,
@@ -40,6 +39,7 @@ from statemachine_loop.testing.strategies import (
     scripted_callbacks,
     tiny_loop,
 )
+from statemachine_loop.trace import assert_valid_trace, replay
 
 E = Event
 EngineName = Literal["compiled", "transitions"]

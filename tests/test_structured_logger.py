@@ -12,8 +12,9 @@ import structlog
 
 from statemachine_loop import Callback, ConfigError, Event, Redirect, Stop, TrainingLoop, Veto
 from statemachine_loop.callback import collect_hooks
-from statemachine_loop.callbacks.structured import BATCH_EVENTS, FIELD_ORDER, StructuredLogger
+from statemachine_loop.callbacks.structured import FIELD_ORDER, StructuredLogger
 from statemachine_loop.cli import main
+from statemachine_loop.events import BATCH_EVENTS
 from statemachine_loop.testing import TraceRecorder
 from tests.logging_helpers import Net
 from tests.logging_helpers import make_loop as shared_loop

@@ -1,5 +1,8 @@
-"""What the callbacks share about phases: their names, ``"<phase>/<metric>"`` monitors,
-which phase a state belongs to, and phase results.
+"""What the callbacks share about phases: ``"<phase>/<metric>"`` monitors and phase results.
+
+The phases themselves (their names, their start and end events, which state lies in
+which) are defined once in :mod:`statemachine_loop.events` and
+:mod:`statemachine_loop.machine`.
 
 Every logger needs the same two facts at a phase end: which phase closed, and its
 final metric values. The values are read from the entry the loop appended to
@@ -11,28 +14,15 @@ phase that ran no batch has no entry, so no one logs made-up ``nan`` values for 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING
 
 from statemachine_loop.errors import ConfigError
+from statemachine_loop.events import PHASES, Phase
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
-__all__ = [
-    "PHASES",
-    "PHASE_OF_STATE",
-    "Phase",
-    "PhaseResults",
-    "format_value",
-    "metric_names",
-    "parse_monitor",
-]
-
-#: The two phases of an epoch, spelled as in ``History`` and the logs.
-Phase: TypeAlias = Literal["training", "validation"]
-
-#: Both phases, in the order an epoch runs them.
-PHASES: Final[tuple[Phase, ...]] = ("training", "validation")
+__all__ = ["PhaseResults", "format_value", "metric_names", "parse_monitor"]
 
 
 def parse_monitor(owner: str, monitor: object) -> tuple[Phase, str]:
@@ -44,17 +34,6 @@ def parse_monitor(owner: str, monitor: object) -> tuple[Phase, str]:
             f"(e.g. 'validation/loss'); got {monitor!r}."
         )
     return phase, metric
-
-
-#: The phase a machine state lies in; states outside any phase are absent.
-PHASE_OF_STATE: Final[dict[str, Phase]] = {
-    "training": "training",
-    "training_batch": "training",
-    "updating": "training",
-    "validation": "validation",
-    "validation_batch": "validation",
-    "predicted": "validation",
-}
 
 
 class PhaseResults:
@@ -69,11 +48,11 @@ class PhaseResults:
     def __init__(self) -> None:
         self._entries_at_open = 0
 
-    def opened(self, loop: TrainingLoop, phase: Phase) -> None:
+    def opened(self, loop: LoopView, phase: Phase) -> None:
         """Remember how many history entries the phase had when it opened."""
         self._entries_at_open = len(getattr(loop.history, phase))
 
-    def closed(self, loop: TrainingLoop, phase: Phase) -> dict[str, float] | None:
+    def closed(self, loop: LoopView, phase: Phase) -> dict[str, float] | None:
         """The phase's final metric values, or ``None`` when it ran no batch."""
         entries = getattr(loop.history, phase)
         if len(entries) <= self._entries_at_open:
@@ -81,7 +60,7 @@ class PhaseResults:
         return {name: value for name, value in entries[-1].items() if name != "epoch"}
 
 
-def metric_names(loop: TrainingLoop) -> list[str]:
+def metric_names(loop: LoopView) -> list[str]:
     """The names of the metrics the loop tracks, ``loss`` first.
 
     Prefers a ``loop.metric_names`` attribute; without one, reads the keys of

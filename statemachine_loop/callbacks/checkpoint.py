@@ -22,11 +22,12 @@ from statemachine_loop.checkpoint_io import (
 )
 from statemachine_loop.decisions import DecisionKind, Stop
 from statemachine_loop.errors import ConfigError
-from statemachine_loop.events import Event
+from statemachine_loop.events import TRAINING, Event
+from statemachine_loop.machine import BETWEEN_EPOCHS
 from statemachine_loop.preemption import PreemptionHandler
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["Checkpoint"]
 
@@ -99,16 +100,16 @@ class Checkpoint(Callback):
         self._saves = int(state["saves"])
         self._training_batches = int(state["training_batches"])
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Install the preemption handlers for the duration of the fit."""
         if self._handle_preemption:
             self.preemption.install()
 
-    def on_fit_end(self, loop: TrainingLoop) -> None:
+    def on_fit_end(self, loop: LoopView) -> None:
         """Restore the previous signal handlers."""
         self.preemption.uninstall()
 
-    def on_batch_end(self, loop: TrainingLoop) -> Stop | None:
+    def on_batch_end(self, loop: LoopView) -> Stop | None:
         """After a preemption signal, checkpoint and stop; else save every n-th training batch.
 
         A ``batch_end`` observer is an exact boundary: the next batch has not been
@@ -124,7 +125,7 @@ class Checkpoint(Callback):
                 self.save(loop, reason="schedule")
         return None
 
-    def on_epoch_end(self, loop: TrainingLoop) -> Stop | None:
+    def on_epoch_end(self, loop: LoopView) -> Stop | None:
         """After a preemption signal, checkpoint and stop; else save every n-th epoch.
 
         An epoch that a stop decided at this ``epoch_end`` ends (``EarlyStopping``) is
@@ -143,7 +144,7 @@ class Checkpoint(Callback):
             self.save(loop, reason="schedule")
         return None
 
-    def _preempted(self, loop: TrainingLoop) -> bool:
+    def _preempted(self, loop: LoopView) -> bool:
         if not self._handle_preemption:
             return False
         requested = self.preemption.requested is not None
@@ -151,11 +152,11 @@ class Checkpoint(Callback):
             requested = loop.collective.any(requested)
         return requested
 
-    def _save_and_stop(self, loop: TrainingLoop) -> Stop:
+    def _save_and_stop(self, loop: LoopView) -> Stop:
         self.save(loop, reason="preempted")
         return Stop("preempted")
 
-    def save(self, loop: TrainingLoop, *, reason: str = "manual") -> CheckpointInfo | None:
+    def save(self, loop: LoopView, *, reason: str = "manual") -> CheckpointInfo | None:
         """Write a checkpoint of ``loop`` now, then drop the ones no longer kept.
 
         Under ``torch.distributed`` every rank must call it at the same point (the
@@ -186,11 +187,11 @@ class Checkpoint(Callback):
         self._rotate()
         return info
 
-    def _monitored(self, loop: TrainingLoop) -> float | None:
-        if self._monitored_metric is None or loop.state != "fit":
+    def _monitored(self, loop: LoopView) -> float | None:
+        if self._monitored_metric is None or loop.state != BETWEEN_EPOCHS:
             return None
         phase, name = self._monitored_metric
-        entries = loop.history.training if phase == "training" else loop.history.validation
+        entries = loop.history.training if phase == TRAINING else loop.history.validation
         if not entries or entries[-1]["epoch"] != loop.epoch_index:
             return None
         if name not in entries[-1]:
@@ -212,7 +213,7 @@ class Checkpoint(Callback):
                 delete_checkpoint(checkpoint)
 
 
-def _stopped_at_this_epoch_end(loop: TrainingLoop) -> bool:
+def _stopped_at_this_epoch_end(loop: LoopView) -> bool:
     """Whether the stop was decided on this very ``epoch_end`` (not an earlier event)."""
     for record in reversed(loop.decisions):
         if record.event is not Event.EPOCH_END or record.epoch_index != loop.epoch_index:

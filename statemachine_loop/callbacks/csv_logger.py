@@ -45,11 +45,12 @@ import torch
 from statemachine_loop.callback import Callback
 from statemachine_loop.callbacks._files import make_directory
 from statemachine_loop.callbacks._losses import PendingLosses
-from statemachine_loop.callbacks._phases import Phase, PhaseResults, metric_names
+from statemachine_loop.callbacks._phases import PhaseResults, metric_names
 from statemachine_loop.errors import ConfigError
+from statemachine_loop.events import TRAINING, VALIDATION, Phase
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["CSVLogger"]
 
@@ -87,7 +88,7 @@ class CSVLogger(Callback):
         self._append = append
         self._file: TextIO | None = None
         self._columns: list[str] = []
-        self._phase: Phase = "training"
+        self._phase: Phase = TRAINING
         self._results = PhaseResults()
         self._epoch = 0
         self._active = True
@@ -96,7 +97,7 @@ class CSVLogger(Callback):
         self._losses = PendingLosses()
         self._next_flush = 0.0
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Open the file and write the header (on the main process only)."""
         self._close_file()
         self._batches, self._blank = [], set()
@@ -119,7 +120,7 @@ class CSVLogger(Callback):
                 )
         if not append:
             # A new file, not a truncated one: ext4 flushes a file replaced by
-            # truncation to disk on close (about 3 ms); a fresh inode costs 50 µs.
+            # truncation to disk when it is closed, which would stall the fit.
             self.path.unlink(missing_ok=True)
         self._file = self.path.open("a" if append else "w", newline="")
         if not has_rows:
@@ -127,15 +128,15 @@ class CSVLogger(Callback):
             csv.writer(text, lineterminator="\n").writerow(header)
             self._write(text.getvalue())
 
-    def on_training_start(self, loop: TrainingLoop) -> None:
+    def on_training_start(self, loop: LoopView) -> None:
         """Rows from here on belong to the training phase."""
-        self._open(loop, "training")
+        self._open(loop, TRAINING)
 
-    def on_validation_start(self, loop: TrainingLoop) -> None:
+    def on_validation_start(self, loop: LoopView) -> None:
         """Rows from here on belong to the validation phase."""
-        self._open(loop, "validation")
+        self._open(loop, VALIDATION)
 
-    def on_batch_end(self, loop: TrainingLoop) -> None:
+    def on_batch_end(self, loop: LoopView) -> None:
         """Keep the batch's row and detached loss; write the pending chunk when it is due."""
         if loop.failure is not None or not self._active:
             return  # the batch an exception interrupted is not a completed row
@@ -148,15 +149,15 @@ class CSVLogger(Callback):
             self._losses.keep(len(self._batches) - len(self._blank), loss)
         self._batches.append(loop.batch_index)
 
-    def on_training_end(self, loop: TrainingLoop) -> None:
+    def on_training_end(self, loop: LoopView) -> None:
         """Write the phase's rows, its final metric values on the last one."""
-        self._flush(loop, self._results.closed(loop, "training"))
+        self._flush(loop, self._results.closed(loop, TRAINING))
 
-    def on_validation_end(self, loop: TrainingLoop) -> None:
+    def on_validation_end(self, loop: LoopView) -> None:
         """Write the phase's rows, its final metric values on the last one."""
-        self._flush(loop, self._results.closed(loop, "validation"))
+        self._flush(loop, self._results.closed(loop, VALIDATION))
 
-    def on_fit_end(self, loop: TrainingLoop) -> None:
+    def on_fit_end(self, loop: LoopView) -> None:
         """Write anything still pending and close the file (also after a failure)."""
         try:
             if self._batches:
@@ -166,21 +167,21 @@ class CSVLogger(Callback):
 
     # -- work ------------------------------------------------------------------------
 
-    def _open(self, loop: TrainingLoop, phase: Phase) -> None:
+    def _open(self, loop: LoopView, phase: Phase) -> None:
         self._phase, self._epoch = phase, loop.epoch_index
         self._results.opened(loop, phase)
         self._losses.phase_opened()
         self._next_flush = monotonic() + self._flush_every
 
-    def _flush(self, loop: TrainingLoop, finals: dict[str, float] | None = None) -> None:
+    def _flush(self, loop: LoopView, finals: dict[str, float] | None = None) -> None:
         batches, blank = self._batches, self._blank
         self._batches, self._blank = [], set()
         self._next_flush = monotonic() + self._flush_every
         if not batches:
             return
         values, dtype = self._losses.take(loop, len(batches) - len(blank))
-        # Nine significant digits give back every float32 (and float16) exactly and
-        # cost half what the shortest repr of the widened double costs.
+        # Nine significant digits give back every float32 (and float16) exactly, without
+        # the noise digits of the shortest repr of its widened double.
         number = "%r" if dtype == torch.float64 else "%.9g"
         # Rows hold only numbers and a phase name, so no quoting is ever needed.
         head, tail = f"{self._epoch},", f",{self._phase},"

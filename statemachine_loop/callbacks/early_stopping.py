@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from statemachine_loop.callback import Callback
-from statemachine_loop.callbacks._phases import PHASES, parse_monitor
+from statemachine_loop.callbacks._phases import parse_monitor
 from statemachine_loop.decisions import Stop
 from statemachine_loop.errors import ConfigError
-from statemachine_loop.loop_state import unwrap
+from statemachine_loop.events import PHASES, TRAINING, VALIDATION
+from statemachine_loop.models import unwrap
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["EarlyStopping"]
 
@@ -86,7 +87,7 @@ class EarlyStopping(Callback):
         self._complete_epoch: dict[str, int] = {}
         self._validation_proposed = False
 
-    def guard_fit_start(self, loop: TrainingLoop) -> None:
+    def guard_fit_start(self, loop: LoopView) -> None:
         """Refuse, before anything runs, a metric the loop does not track."""
         names = list(loop.metrics)
         if self._metric not in names:
@@ -96,7 +97,7 @@ class EarlyStopping(Callback):
                 f"named {self._metric!r}; the monitors that exist are {existing}."
             )
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Start counting afresh, unless the fit resumes from a checkpoint."""
         self._complete_epoch = {}
         self._validation_proposed = False
@@ -105,24 +106,24 @@ class EarlyStopping(Callback):
             self.wait = 0
             self._best_weights = None
 
-    def guard_validation_start(self, loop: TrainingLoop) -> None:
+    def guard_validation_start(self, loop: LoopView) -> None:
         """Note that the loop has validation data (it proposes this event only then)."""
         self._validation_proposed = True
 
-    def guard_training_end(self, loop: TrainingLoop) -> None:
+    def guard_training_end(self, loop: LoopView) -> None:
         """Note whether the training phase is closing normally (not in a wind-down)."""
-        self._closing(loop, "training")
+        self._closing(loop, TRAINING)
 
-    def guard_validation_end(self, loop: TrainingLoop) -> None:
+    def guard_validation_end(self, loop: LoopView) -> None:
         """Note whether the validation phase is closing normally (not in a wind-down)."""
-        self._closing(loop, "validation")
+        self._closing(loop, VALIDATION)
 
-    def _closing(self, loop: TrainingLoop, phase: str) -> None:
+    def _closing(self, loop: LoopView, phase: str) -> None:
         # Guards of an end proposed by the wind-down already see stop_reason set.
         if loop.stop_reason is None and loop.failure is None:
             self._complete_epoch[phase] = loop.epoch_index
 
-    def on_epoch_end(self, loop: TrainingLoop) -> Stop | None:
+    def on_epoch_end(self, loop: LoopView) -> Stop | None:
         """Compare this epoch's value with the best; stop after ``patience`` epochs without gain."""
         epoch = loop.epoch_index
         if loop.failure is not None:
@@ -162,15 +163,15 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def _check_validation_exists(self, loop: TrainingLoop, epoch: int) -> None:
-        trained = self._complete_epoch.get("training") == epoch
-        if self._phase == "validation" and trained and not self._validation_proposed:
+    def _check_validation_exists(self, loop: LoopView, epoch: int) -> None:
+        trained = self._complete_epoch.get(TRAINING) == epoch
+        if self._phase == VALIDATION and trained and not self._validation_proposed:
             raise ConfigError(
                 f"EarlyStopping monitors {self.monitor!r}, but the loop has no validation "
                 "data; give TrainingLoop(validation=...) or monitor a 'training/...' metric."
             )
 
-    def on_fit_end(self, loop: TrainingLoop) -> None:
+    def on_fit_end(self, loop: LoopView) -> None:
         """Load the best weights back into the model (not after a failure)."""
         if (
             self.restore_best

@@ -21,7 +21,7 @@ from statemachine_loop.errors import ConfigError
 from statemachine_loop.step import Step
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["GradientAccumulation", "GradientClipping"]
 
@@ -76,18 +76,18 @@ class GradientAccumulation(Callback):
             for hook in _ACCUMULATION_HOOKS:
                 setattr(self, hook, None)
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Find the parameters the optimizer updates, once per fit."""
         self._parameters = _parameters(loop.optimizer)
         if not loop.resuming:
             self._samples = self._divisor = 0
 
-    def on_training_start(self, loop: TrainingLoop) -> None:
+    def on_training_start(self, loop: LoopView) -> None:
         """The loop zeroed the gradients: a new group begins."""
         if not loop.resuming:
             self._samples = self._divisor = 0
 
-    def on_batch_start(self, loop: TrainingLoop) -> None:
+    def on_batch_start(self, loop: LoopView) -> None:
         """Rescale the kept gradient sum so the next backward adds with the right weight."""
         if not loop.is_training:
             return
@@ -100,7 +100,7 @@ class GradientAccumulation(Callback):
         elif self._divisor != size:
             torch._foreach_mul_(grads, self._divisor / size)
 
-    def guard_update_start(self, loop: TrainingLoop) -> Veto | None:
+    def guard_update_start(self, loop: LoopView) -> Veto | None:
         """Veto the update unless this batch closes a group or the phase."""
         size = self._batch_size
         samples = self._samples = self._samples + size
@@ -119,11 +119,11 @@ class GradientAccumulation(Callback):
             self._divisor = samples
         return None
 
-    def on_update_start(self, loop: TrainingLoop) -> None:
+    def on_update_start(self, loop: LoopView) -> None:
         """The update is taken; ``zero_grad`` follows, so the next group starts empty."""
         self._samples = self._divisor = 0
 
-    def on_training_end(self, loop: TrainingLoop) -> None:
+    def on_training_end(self, loop: LoopView) -> None:
         """Warn when a final partial group could not be applied (data without ``len()``)."""
         if self._samples and loop.batch_count is None and loop.stop_reason is None:
             warnings.warn(
@@ -188,11 +188,11 @@ class GradientClipping(Callback):
         self.last_norm: torch.Tensor | None = None
         self._parameters: list[torch.Tensor] = []
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Find the parameters the optimizer updates, once per fit."""
         self._parameters = _parameters(loop.optimizer)
 
-    def on_update_start(self, loop: TrainingLoop) -> None:
+    def on_update_start(self, loop: LoopView) -> None:
         """Unscale (with a grad scaler) and clip, before the step."""
         if loop.grad_scaler is not None:
             loop.grad_scaler.unscale_(loop.optimizer)

@@ -19,7 +19,7 @@ from statemachine_loop.errors import ConfigError
 from statemachine_loop.events import Event
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["StopAfter", "TerminateOnNaN"]
 
@@ -56,12 +56,12 @@ class TerminateOnNaN(Callback):
         if action == "skip":
             self.guard_batch_end = None  # type: ignore[method-assign, assignment]
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Forget the previous fit's count."""
         self.skipped = 0
         self._stopping = None
 
-    def guard_update_start(self, loop: TrainingLoop) -> Veto | None:
+    def guard_update_start(self, loop: LoopView) -> Veto | None:
         """Veto the update when the batch's loss is not finite."""
         loss = loop.last_step_loss
         if loss is None or bool(torch.isfinite(loss)):
@@ -76,7 +76,7 @@ class TerminateOnNaN(Callback):
         self._stopping = found
         return Veto(f"{found}; no update, the fit stops at this batch's end")
 
-    def guard_batch_end(self, loop: TrainingLoop) -> Stop | None:
+    def guard_batch_end(self, loop: LoopView) -> Stop | None:
         """Stop at the end of the batch whose loss was not finite (``action="stop"``)."""
         if self._stopping is None:
             return None
@@ -138,7 +138,7 @@ class StopAfter(Callback):
             return self._elapsed_before
         return self._elapsed_before + self._clock() - self._started
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Start the clock; counters start afresh unless the fit resumes."""
         if not loop.resuming:
             self.steps_taken = 0
@@ -146,7 +146,7 @@ class StopAfter(Callback):
         self._cut_epoch = None
         self._started = self._clock()
 
-    def on_update_start(self, loop: TrainingLoop) -> None:
+    def on_update_start(self, loop: LoopView) -> None:
         """Count a taken update."""
         self.steps_taken += 1
 
@@ -159,7 +159,7 @@ class StopAfter(Callback):
                 return f"StopAfter: {elapsed:.3g} s elapsed (limit {self.seconds:g} s)"
         return None
 
-    def guard_batch_start(self, loop: TrainingLoop) -> Redirect | None:
+    def guard_batch_start(self, loop: LoopView) -> Redirect | None:
         """Close the training phase instead of starting another batch once a limit is reached."""
         if not loop.is_training:
             return None
@@ -169,7 +169,7 @@ class StopAfter(Callback):
         self._cut_epoch = loop.epoch_index
         return Redirect(Event.TRAINING_END, f"{reason}; closing the training phase")
 
-    def guard_epoch_end(self, loop: TrainingLoop) -> Stop | None:
+    def guard_epoch_end(self, loop: LoopView) -> Stop | None:
         """Stop once the epoch in which a limit was reached has closed."""
         cut = self._cut_epoch == loop.epoch_index
         if not cut and loop.epoch_index + 1 >= loop.epoch_count:
@@ -179,7 +179,7 @@ class StopAfter(Callback):
             return None
         return Stop(f"{reason}; stopping at the end of epoch {loop.epoch_index}")
 
-    def on_fit_end(self, loop: TrainingLoop) -> None:
+    def on_fit_end(self, loop: LoopView) -> None:
         """Stop the clock."""
         self._elapsed_before, self._started = self.elapsed, None
 

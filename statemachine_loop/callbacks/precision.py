@@ -19,7 +19,7 @@ from statemachine_loop.callback import Callback
 from statemachine_loop.errors import ConfigError
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["MixedPrecision"]
 
@@ -59,7 +59,7 @@ class MixedPrecision(Callback):
         self.grad_scaler: torch.amp.GradScaler | None = None
         self._scaler_state: dict[str, Any] | None = None
 
-    def guard_fit_start(self, loop: TrainingLoop) -> None:
+    def guard_fit_start(self, loop: LoopView) -> None:
         """Refuse, before anything runs, float16 off CUDA or a loop already in autocast."""
         device = loop.device.type
         if self.dtype is torch.float16 and device != "cuda":
@@ -73,7 +73,7 @@ class MixedPrecision(Callback):
                 "use one mixed-precision callback per loop."
             )
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Install the autocast factory and, for float16, the gradient scaler."""
         loop.autocast = functools.partial(torch.autocast, loop.device.type, dtype=self.dtype)
         if self.dtype is torch.float16:
@@ -83,7 +83,7 @@ class MixedPrecision(Callback):
                 self._scaler_state = None
             self.grad_scaler = loop.grad_scaler = scaler
 
-    def on_fit_end(self, loop: TrainingLoop) -> None:
+    def on_fit_end(self, loop: LoopView) -> None:
         """Take the loop out of mixed precision."""
         loop.autocast = None
         loop.grad_scaler = None

@@ -33,11 +33,12 @@ from rich.progress import (
 )
 
 from statemachine_loop.callback import Callback
-from statemachine_loop.callbacks._phases import Phase, PhaseResults, format_value
+from statemachine_loop.callbacks._phases import PhaseResults, format_value
 from statemachine_loop.errors import ConfigError
+from statemachine_loop.events import TRAINING, VALIDATION, Phase
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["ProgressBar"]
 
@@ -80,7 +81,7 @@ class ProgressBar(Callback):
 
     # -- fit scope -------------------------------------------------------------------
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Start the live display when the console is interactive (main process only)."""
         self._stop_display()
         self._active = loop.is_main_process
@@ -101,22 +102,22 @@ class ProgressBar(Callback):
             )
             self._progress.start()
 
-    def on_fit_end(self, loop: TrainingLoop) -> None:
+    def on_fit_end(self, loop: LoopView) -> None:
         """Stop the live display (also after a stop or a failure), restoring the terminal."""
         self._stop_display()
 
     # -- phase scope -----------------------------------------------------------------
 
-    def on_training_start(self, loop: TrainingLoop) -> None:
+    def on_training_start(self, loop: LoopView) -> None:
         """Open the training phase's bar."""
-        self._open(loop, "training")
+        self._open(loop, TRAINING)
 
-    def on_validation_start(self, loop: TrainingLoop) -> None:
+    def on_validation_start(self, loop: LoopView) -> None:
         """Open the validation phase's bar."""
-        self._open(loop, "validation")
+        self._open(loop, VALIDATION)
 
     @property
-    def on_batch_end(self) -> Callable[[TrainingLoop], None] | None:
+    def on_batch_end(self) -> Callable[[LoopView], None] | None:
         """The per-batch hook where a live display can redraw; ``None`` elsewhere.
 
         Read once when a ``fit`` starts (hooks are collected then), so off a terminal
@@ -124,29 +125,29 @@ class ProgressBar(Callback):
         """
         return self._tick if self._live() else None
 
-    def _tick(self, loop: TrainingLoop) -> None:
+    def _tick(self, loop: LoopView) -> None:
         """Redraw when a refresh is due."""
         now = monotonic()
         if now >= self._next_refresh:
             self._refresh(loop, now)
 
-    def on_training_end(self, loop: TrainingLoop) -> None:
+    def on_training_end(self, loop: LoopView) -> None:
         """Print the training phase's summary line."""
-        self._close(loop, "training")
+        self._close(loop, TRAINING)
 
-    def on_validation_end(self, loop: TrainingLoop) -> None:
+    def on_validation_end(self, loop: LoopView) -> None:
         """Print the validation phase's summary line."""
-        self._close(loop, "validation")
+        self._close(loop, VALIDATION)
 
     # -- work ------------------------------------------------------------------------
 
     def _live(self) -> bool:
         return bool(self.console.is_interactive or self.console.is_jupyter)
 
-    def _describe(self, loop: TrainingLoop, phase: Phase) -> str:
+    def _describe(self, loop: LoopView, phase: Phase) -> str:
         return f"epoch {loop.epoch_index + 1}/{loop.epoch_count} {phase}"
 
-    def _open(self, loop: TrainingLoop, phase: Phase) -> None:
+    def _open(self, loop: LoopView, phase: Phase) -> None:
         if not self._active:
             return
         self._results.opened(loop, phase)
@@ -160,7 +161,7 @@ class ProgressBar(Callback):
         )
         self._next_refresh = self._phase_start  # draw the new bar at the first batch
 
-    def _refresh(self, loop: TrainingLoop, now: float) -> None:
+    def _refresh(self, loop: LoopView, now: float) -> None:
         self._next_refresh = now + self._interval
         if self._progress is None or self._task is None:
             return
@@ -172,7 +173,7 @@ class ProgressBar(Callback):
         )
         self._progress.refresh()
 
-    def _close(self, loop: TrainingLoop, phase: Phase) -> None:
+    def _close(self, loop: LoopView, phase: Phase) -> None:
         if not self._active:
             return
         elapsed = monotonic() - self._phase_start

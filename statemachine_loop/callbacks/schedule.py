@@ -18,7 +18,7 @@ from statemachine_loop.errors import ConfigError
 from statemachine_loop.schedules import Schedule, adam_bias_correction
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["LearningRateScheduler"]
 
@@ -82,7 +82,7 @@ class LearningRateScheduler(Callback):
         for hook in disabled:
             setattr(self, hook, None)  # the hot path skips hooks that are None
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Work out the accumulation and, per epoch, the schedule's length."""
         self._active = None
         if not loop.resuming:
@@ -93,11 +93,11 @@ class LearningRateScheduler(Callback):
         if self.per == "epoch":
             self._active = self._fitted(loop.epoch_count, f"{loop.epoch_count} epochs")
 
-    def on_epoch_start(self, loop: TrainingLoop) -> None:
+    def on_epoch_start(self, loop: LoopView) -> None:
         """Per epoch: set the epoch's rate."""
         self._apply(loop, loop.epoch_index)
 
-    def on_training_start(self, loop: TrainingLoop) -> None:
+    def on_training_start(self, loop: LoopView) -> None:
         """Per step: fill the schedule from the fit's length, once the batch count is known."""
         if self._active is not None:
             return
@@ -112,12 +112,12 @@ class LearningRateScheduler(Callback):
             f"({count} batches, {self._group} per step)",
         )
 
-    def on_batch_start(self, loop: TrainingLoop) -> None:
+    def on_batch_start(self, loop: LoopView) -> None:
         """Per step: set the rate of this training batch's step."""
         if loop.is_training:
             self._apply(loop, self._steps_before_epoch + loop.batch_index // self._group)
 
-    def on_training_end(self, loop: TrainingLoop) -> None:
+    def on_training_end(self, loop: LoopView) -> None:
         """Per step: count the steps of the phase that closed."""
         self._steps_before_epoch += math.ceil((loop.batch_index + 1) / self._group)
 
@@ -145,7 +145,7 @@ class LearningRateScheduler(Callback):
             )
         return schedule
 
-    def _apply(self, loop: TrainingLoop, step: int) -> None:
+    def _apply(self, loop: LoopView, step: int) -> None:
         assert self._active is not None
         lr = self._active(step)
         if self.bias_correction is not None:

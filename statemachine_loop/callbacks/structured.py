@@ -11,10 +11,10 @@ The logger is a private structlog pipeline built with ``structlog.wrap_logger``
 ``structlog.configure``, so the user's own structlog setup is untouched and does
 not leak into the file.
 
-Per-batch events (``batch_start``, ``update_start``, ``inference_prediction_end``,
-``batch_end``) are logged at debug level. Below debug the callback does not even
-hook them: ``__init__`` sets those ``on_<event>`` attributes to ``None``, so the
-loop never calls it per batch and an INFO log stays epoch-sized.
+Per-batch events (:data:`~statemachine_loop.events.BATCH_EVENTS`) are logged at debug
+level. Below debug the callback does not even hook them: ``__init__`` sets those
+``on_<event>`` attributes to ``None``, so the loop never calls it per batch and an INFO
+log stays epoch-sized.
 """
 
 from __future__ import annotations
@@ -32,15 +32,16 @@ import structlog
 
 from statemachine_loop.callback import Callback
 from statemachine_loop.callbacks._files import make_directory
-from statemachine_loop.callbacks._phases import PHASE_OF_STATE, Phase, PhaseResults, metric_names
+from statemachine_loop.callbacks._phases import PhaseResults, metric_names
 from statemachine_loop.decisions import DecisionKind
 from statemachine_loop.errors import ConfigError
-from statemachine_loop.events import Event
+from statemachine_loop.events import BATCH_EVENTS, PHASE_END, PHASE_OF_EVENT, PHASE_START, Event
+from statemachine_loop.machine import PHASE_OF_STATE
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
-__all__ = ["BATCH_EVENTS", "FIELD_ORDER", "LEVELS", "LOG_FORMAT", "StructuredLogger"]
+__all__ = ["FIELD_ORDER", "LEVELS", "LOG_FORMAT", "StructuredLogger"]
 
 #: Version of the JSONL format, written on each ``fit_start`` record as ``log_format``.
 LOG_FORMAT: Final = 1
@@ -53,13 +54,6 @@ LEVELS: Final[dict[str, int]] = {
     "error": logging.ERROR,
 }
 
-#: Events logged at debug level, whose observers are unhooked above debug.
-BATCH_EVENTS: Final[tuple[Event, ...]] = (
-    Event.BATCH_START,
-    Event.UPDATE_START,
-    Event.INFERENCE_PREDICTION_END,
-    Event.BATCH_END,
-)
 
 #: The fields every record starts with, in this order; kind-specific fields follow.
 FIELD_ORDER: Final[tuple[str, ...]] = (
@@ -75,14 +69,6 @@ FIELD_ORDER: Final[tuple[str, ...]] = (
 )
 
 _EventDict = MutableMapping[str, Any]
-
-#: The phase of a phase start or end, for decisions recorded outside the phase's states.
-_EVENT_PHASE: Final[dict[Event, Phase]] = {
-    Event.TRAINING_START: "training",
-    Event.TRAINING_END: "training",
-    Event.VALIDATION_START: "validation",
-    Event.VALIDATION_END: "validation",
-}
 
 
 def _json_safe(value: Any) -> Any:
@@ -101,9 +87,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-#: The only types :func:`_json_safe` may change (a tuple: ``float | dict`` in the loop
-#: would build a new union object per value).
+#: The only types :func:`_json_safe` may change.
 _MAYBE_UNSAFE: Final = (float, dict)
+#: The events that open a phase.
+_PHASE_STARTS: Final = frozenset(PHASE_START.values())
+#: The events that close a phase.
+_PHASE_ENDS: Final = frozenset(PHASE_END.values())
 
 
 def _finish(_: Any, __: str, event_dict: _EventDict) -> _EventDict:
@@ -133,8 +122,8 @@ def _exception_type(error: BaseException) -> str:
     )
 
 
-def _observer(event: Event) -> Callable[[StructuredLogger, TrainingLoop], None]:
-    def observe(self: StructuredLogger, loop: TrainingLoop) -> None:
+def _observer(event: Event) -> Callable[[StructuredLogger, LoopView], None]:
+    def observe(self: StructuredLogger, loop: LoopView) -> None:
         self._transition(loop, event)
 
     observe.__name__ = f"on_{event.value}"
@@ -194,7 +183,7 @@ class StructuredLogger(Callback):
                 setattr(self, f"on_{event.value}", None)
 
     def record(
-        self, loop: TrainingLoop, kind: str, event: Event, level: str = "info", **fields: Any
+        self, loop: LoopView, kind: str, event: Event, level: str = "info", **fields: Any
     ) -> None:
         """Add a record of another ``kind`` to the current fit's log.
 
@@ -210,7 +199,7 @@ class StructuredLogger(Callback):
 
     # -- the transitions -------------------------------------------------------------
 
-    def _transition(self, loop: TrainingLoop, event: Event) -> None:
+    def _transition(self, loop: LoopView, event: Event) -> None:
         if event is Event.FIT_START:
             self._begin(loop)
         if loop.failure is not None and not self._failure_logged:
@@ -238,9 +227,8 @@ class StructuredLogger(Callback):
                 metric_names=metric_names(loop),
                 resumed_from=getattr(loop, "resumed_from", None),
             )
-        elif event is Event.TRAINING_START or event is Event.VALIDATION_START:
-            phase: Phase = "training" if event is Event.TRAINING_START else "validation"
-            self._results.opened(loop, phase)
+        elif event in _PHASE_STARTS:
+            self._results.opened(loop, PHASE_OF_EVENT[event])
             fields["batch_count"] = loop.batch_count
         elif event is Event.FIT_END:
             fields.update(
@@ -249,9 +237,8 @@ class StructuredLogger(Callback):
             )
         level = logging.DEBUG if event in BATCH_EVENTS else logging.INFO
         self._emit(level, common, fields)
-        if event is Event.TRAINING_END or event is Event.VALIDATION_END:
-            phase = "training" if event is Event.TRAINING_END else "validation"
-            values = self._results.closed(loop, phase)
+        if event in _PHASE_ENDS:
+            values = self._results.closed(loop, PHASE_OF_EVENT[event])
             if values is not None:
                 self._emit(logging.INFO, self._common(loop, "metrics", event), {"metrics": values})
         if event is Event.FIT_START and getattr(loop, "resumed_from", None) is not None:
@@ -263,7 +250,7 @@ class StructuredLogger(Callback):
         if event is Event.FIT_END:
             self._end()
 
-    def _log_stop(self, loop: TrainingLoop, event: Event) -> None:
+    def _log_stop(self, loop: LoopView, event: Event) -> None:
         self._stop_logged = True
         applied = next(
             (d for d in loop.decisions if d.kind is DecisionKind.STOP and d.applied), None
@@ -274,7 +261,7 @@ class StructuredLogger(Callback):
             common.update(
                 epoch_index=applied.epoch_index,
                 batch_index=applied.batch_index if in_batch else None,
-                phase=PHASE_OF_STATE.get(applied.state) or _EVENT_PHASE.get(applied.event),
+                phase=PHASE_OF_STATE.get(applied.state) or PHASE_OF_EVENT.get(applied.event),
             )
         self._emit(
             logging.WARNING,
@@ -284,7 +271,7 @@ class StructuredLogger(Callback):
 
     # -- the pipeline ----------------------------------------------------------------
 
-    def _begin(self, loop: TrainingLoop) -> None:
+    def _begin(self, loop: LoopView) -> None:
         self._end()
         self.run_id = new_run_id()
         self._start = time.monotonic()
@@ -331,7 +318,7 @@ class StructuredLogger(Callback):
             self._file.close()
             self._file = None
 
-    def _common(self, loop: TrainingLoop, kind: str, event: Event) -> dict[str, Any]:
+    def _common(self, loop: LoopView, kind: str, event: Event) -> dict[str, Any]:
         in_batch = event in BATCH_EVENTS
         in_fit = event is not Event.FIT_START and event is not Event.FIT_END
         state, previous = loop.state, loop.previous_state

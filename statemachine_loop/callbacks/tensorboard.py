@@ -37,11 +37,12 @@ from tensorboardX import SummaryWriter
 from statemachine_loop.callback import Callback
 from statemachine_loop.callbacks._files import make_directory
 from statemachine_loop.callbacks._losses import PendingLosses
-from statemachine_loop.callbacks._phases import Phase, PhaseResults
+from statemachine_loop.callbacks._phases import PhaseResults
 from statemachine_loop.errors import ConfigError
+from statemachine_loop.events import TRAINING, VALIDATION, Phase
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["TensorBoardLogger", "unique_run_dir"]
 
@@ -98,7 +99,7 @@ class TensorBoardLogger(Callback):
         self._rates: list[float | torch.Tensor] = []
         self._next_flush = 0.0
 
-    def on_fit_start(self, loop: TrainingLoop) -> None:
+    def on_fit_start(self, loop: LoopView) -> None:
         """Create this fit's run directory (on the main process only)."""
         self._close_writers()
         self._step = 0
@@ -109,17 +110,17 @@ class TensorBoardLogger(Callback):
         self._losses.bind(loop)
         self.run_dir = unique_run_dir(self.logdir)
 
-    def on_training_start(self, loop: TrainingLoop) -> None:
+    def on_training_start(self, loop: LoopView) -> None:
         """Note the phase, and when the first chunk is due."""
-        self._results.opened(loop, "training")
+        self._results.opened(loop, TRAINING)
         self._losses.phase_opened()
         self._next_flush = monotonic() + self._flush_every
 
-    def on_validation_start(self, loop: TrainingLoop) -> None:
+    def on_validation_start(self, loop: LoopView) -> None:
         """Note the phase."""
-        self._results.opened(loop, "validation")
+        self._results.opened(loop, VALIDATION)
 
-    def on_batch_end(self, loop: TrainingLoop) -> None:
+    def on_batch_end(self, loop: LoopView) -> None:
         """Buffer a training batch's detached loss and learning rate; write a chunk when due."""
         if not loop.is_training or loop.failure is not None or not self._active:
             return
@@ -137,16 +138,16 @@ class TensorBoardLogger(Callback):
         if monotonic() >= self._next_flush:
             self._flush_batches(loop)
 
-    def on_training_end(self, loop: TrainingLoop) -> None:
+    def on_training_end(self, loop: LoopView) -> None:
         """Write the buffered batches and the phase's per-epoch scalars."""
         self._flush_batches(loop)
-        self._write_epoch(loop, "training")
+        self._write_epoch(loop, TRAINING)
 
-    def on_validation_end(self, loop: TrainingLoop) -> None:
+    def on_validation_end(self, loop: LoopView) -> None:
         """Write the validation phase's per-epoch scalars."""
-        self._write_epoch(loop, "validation")
+        self._write_epoch(loop, VALIDATION)
 
-    def on_fit_end(self, loop: TrainingLoop) -> None:
+    def on_fit_end(self, loop: LoopView) -> None:
         """Write anything pending and close the writers (also after a failure)."""
         try:
             self._flush_batches(loop)
@@ -162,20 +163,20 @@ class TensorBoardLogger(Callback):
             writer = self._writers[phase] = SummaryWriter(logdir=str(self.run_dir / phase))
         return writer
 
-    def _flush_batches(self, loop: TrainingLoop) -> None:
+    def _flush_batches(self, loop: LoopView) -> None:
         self._next_flush = monotonic() + self._flush_every
         if not self._steps:
             return
         steps, rates = self._steps, self._rates
         self._steps, self._rates = [], []
-        writer = self._writer("training")
+        writer = self._writer(TRAINING)
         values, _ = self._losses.take(loop, len(steps))
         for step, value, rate in zip(steps, values, rates, strict=True):
             writer.add_scalar("batch/loss", value, step)
             writer.add_scalar("batch/learning_rate", float(rate), step)
         writer.flush()
 
-    def _write_epoch(self, loop: TrainingLoop, phase: Phase) -> None:
+    def _write_epoch(self, loop: LoopView, phase: Phase) -> None:
         values = self._results.closed(loop, phase)
         if values is None or not self._active:
             return

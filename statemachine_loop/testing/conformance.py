@@ -58,9 +58,8 @@ from statemachine_loop.testing._conformance_run import (
     snippet,
     sweep,
 )
-from statemachine_loop.testing.invariants import TraceViolation, assert_valid_trace
-from statemachine_loop.testing.recorder import TraceEntry
 from statemachine_loop.testing.strategies import ScriptedError, decision_scripts, run_shapes
+from statemachine_loop.trace import TraceEntry, TraceViolation, assert_valid_trace
 
 __all__ = ["PROBLEMS", "ConformanceError", "Example", "check_callback", "check_example"]
 

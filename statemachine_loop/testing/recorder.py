@@ -4,33 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import attrs
-
 from statemachine_loop.callback import Callback
 from statemachine_loop.events import Event
+from statemachine_loop.trace import TraceEntry
 
 if TYPE_CHECKING:
-    from statemachine_loop.loop import TrainingLoop
+    from statemachine_loop.view import LoopView
 
 __all__ = ["TraceEntry", "TraceRecorder"]
 
 
-@attrs.frozen
-class TraceEntry:
-    """One taken event, with where the loop was when its observers ran."""
-
-    event: Event
-    state: str
-    epoch_index: int
-    batch_index: int
-    is_training: bool
-    resuming: bool
-    stop_reason: str | None
-    failed: bool
-
-
 def _observer(event: Event) -> object:
-    def observe(self: TraceRecorder, loop: TrainingLoop) -> None:
+    def observe(self: TraceRecorder, loop: LoopView) -> None:
         self.entries.append(
             TraceEntry(
                 event=event,

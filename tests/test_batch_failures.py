@@ -1,19 +1,13 @@
-"""The driver's plain training loop equals the general one, event for event and bit for bit.
+"""Both engines run a batch alike, event for event and bit for bit, whatever fails where.
 
-When no callback hooks ``batch_start`` or ``update_start`` (and the step is the
-default one), the compiled engine lets the driver move the machine itself through
-a training batch instead of proposing those events. The reference engine never
-does. These tests run the same fits on both and require the same observable
-lifecycle — the phase-level events with the state, previous state and indices the
-hooks saw, ``batch_end`` where something hooks it, the wind-down after an exception
-from the model, the loss, the optimizer or the data — plus equal ``History`` and
-bit-identical parameters. A spy checks that the compiled runs really take the
-plain loop, so the comparison cannot quietly test the general loop twice.
-
-The plain loop writes what hooks read only where a hook can run (before a hooked
-``batch_end``, at the phase end, when something raises), so the recorder snapshots
-all of it — ``last_step_*``, ``batches_run``, whether ``state_dict()`` is legal —
-and the exception cases raise at every point of a batch.
+The same fits run on the compiled engine and on the reference ``transitions`` engine,
+and must show the same observable lifecycle — the phase-level events with the state,
+previous state and indices the hooks saw, ``batch_end`` where something hooks it, the
+wind-down after an exception from the model, the loss, the optimizer, a metric or the
+data at every point of a batch — plus equal ``History`` and bit-identical parameters.
+The recorder snapshots everything a hook can read (``last_step_*``, ``batches_run``,
+whether ``state_dict()`` is legal there), so the comparison covers the run state the
+driver keeps, not just the trace.
 """
 
 from __future__ import annotations
@@ -35,8 +29,6 @@ from statemachine_loop import (
     TrainingLoop,
     Veto,
 )
-from statemachine_loop.driver import Driver
-from statemachine_loop.step import Step
 
 PHASE_EVENTS = [
     e for e in Event if e not in (Event.BATCH_START, Event.UPDATE_START, Event.BATCH_END)
@@ -117,20 +109,6 @@ def _exact(loop: TrainingLoop) -> Any:
     return payload["position"], payload.get("phase", {}).get("ran")
 
 
-@pytest.fixture
-def plain_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the phases the plain loop runs."""
-    calls: list[int] = []
-    original = Driver._run_plain_training
-
-    def spy(self: Driver, *args: Any) -> None:
-        calls.append(1)
-        original(self, *args)
-
-    monkeypatch.setattr(Driver, "_run_plain_training", spy)
-    return calls
-
-
 Run = tuple[TrainingLoop, PhaseRecorder, Any, BaseException | None]
 
 
@@ -172,9 +150,8 @@ def assert_same(**options: Any) -> tuple[TrainingLoop, PhaseRecorder]:
 
 @pytest.mark.parametrize("val", [0, 3])
 @pytest.mark.parametrize("batch_end", [False, True])
-def test_plain_fit_equals_the_reference(plain_calls: list[int], val: int, batch_end: bool) -> None:
+def test_a_fit_equals_the_reference(val: int, batch_end: bool) -> None:
     loop, recorder = assert_same(train=4, val=val, batch_end=batch_end)
-    assert len(plain_calls) == 2  # one training phase per epoch, on the compiled engine only
     assert len(loop.history.training) == 2
     assert recorder.seen[-1][0] is Event.FIT_END
     if batch_end:
@@ -183,10 +160,9 @@ def test_plain_fit_equals_the_reference(plain_calls: list[int], val: int, batch_
         assert ends[0][1:3] == ("training", "updating")
 
 
-def test_stop_from_a_batch_end_observer(plain_calls: list[int]) -> None:
+def test_stop_from_a_batch_end_observer() -> None:
     loop, recorder = assert_same(train=5, batch_end=True, stop_at=3)
     assert [entry[0] for entry in recorder.seen].count(Event.BATCH_END) == 3
-    assert plain_calls == [1]
     assert loop.stop_reason == "enough"
     assert loop.history.training[0]["epoch"] == 0
 
@@ -214,14 +190,9 @@ class BatchEndHooks(Callback):
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["with_recorder", "alone"])
 @pytest.mark.parametrize("kind", ["guard", "observer"])
-def test_batch_end_guards_and_raising_observers_act_the_same(
-    plain_calls: list[int], kind: str, recorded: bool
-) -> None:
-    # A guard makes the plain loop propose batch_end; observers alone are called
-    # directly (a single one without the loop around it, hence "alone").
+def test_batch_end_guards_and_raising_observers_act_the_same(kind: str, recorded: bool) -> None:
     hooks = BatchEndHooks(kind, at=2)
     loop, recorder = assert_same(train=4, val=2, batch_end=recorded, extra=[hooks])
-    assert plain_calls == [1]
     ends = [entry for entry in recorder.seen if entry[0] is Event.BATCH_END]
     # Batches 0, 1 and 2: the guard's stop takes the end, then winds down.
     assert len(ends) == (3 if recorded else 0)
@@ -273,12 +244,9 @@ def _failing(where: str, at: int, error: BaseException, batch_end: bool | str) -
 @pytest.mark.parametrize("batch_end", ["guard", True, False], ids=["guard", "observer", "none"])
 @pytest.mark.parametrize("at", [0, 2])
 @pytest.mark.parametrize("where", list(FAILURES))
-def test_exceptions_wind_down_the_same(
-    plain_calls: list[int], where: str, at: int, batch_end: bool | str
-) -> None:
+def test_exceptions_wind_down_the_same(where: str, at: int, batch_end: bool | str) -> None:
     error: BaseException = KeyboardInterrupt() if where == "interrupt" else Boom(where)
     loop, recorder = assert_same(**_failing(where, at, error, batch_end))
-    assert plain_calls == ([1, 1] if where == "later data" else [1])
     expected = ConfigError if where in ("split", "scalar") else type(error)
     assert isinstance(loop.failure, expected)
     # The wind-down starts where the failure left the machine (the recorder sees
@@ -368,7 +336,7 @@ class _FailingData:
             yield batch
 
 
-def test_bad_loss_and_bad_batch_say_what_is_wrong(plain_calls: list[int]) -> None:
+def test_bad_loss_and_bad_batch_say_what_is_wrong() -> None:
     model = h.make_model()
     loop = h.make_loop("compiled", model, loss_fn=lambda out, tgt: (out - tgt) ** 2, progress=False)
     with pytest.raises(ConfigError, match="scalar tensor"):
@@ -377,10 +345,9 @@ def test_bad_loss_and_bad_batch_say_what_is_wrong(plain_calls: list[int]) -> Non
     loop = h.make_loop("compiled", model, training=triples, progress=False)
     with pytest.raises(ConfigError, match=r"\(input, target\) pair"):
         loop.fit(model, 1)
-    assert len(plain_calls) == 2
 
 
-def test_scalar_targets_weigh_batches_by_their_inputs(plain_calls: list[int]) -> None:
+def test_scalar_targets_weigh_batches_by_their_inputs() -> None:
     """A 0-d target has no first dimension: ``Step.batch_size`` falls back to the input's."""
     torch.manual_seed(3)
     training = [(torch.randn(n, h.IN_FEATURES), torch.tensor(float(n))) for n in (1, 4, 2)]
@@ -389,7 +356,6 @@ def test_scalar_targets_weigh_batches_by_their_inputs(plain_calls: list[int]) ->
         return ((output - target) ** 2).mean()
 
     loop, _ = assert_same(training=training, loss_fn=loss_fn, epochs=1)
-    assert plain_calls == [1]
     model = h.make_model()  # the weights assert_same started from
     losses = []
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -403,30 +369,13 @@ def test_scalar_targets_weigh_batches_by_their_inputs(plain_calls: list[int]) ->
     assert loop.history.training[0]["loss"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_hooked_batches_and_custom_steps_take_the_general_loop(plain_calls: list[int]) -> None:
-    class Watch(Callback):
-        def guard_update_start(self, loop: TrainingLoop) -> None:
-            return None
-
-    class Doubled(Step):
-        def batch_size(self, inputs: Any, target: Any) -> int:
-            return 2 * len(target)
-
-    model = h.make_model()
-    h.make_loop("compiled", model, callbacks=[Watch()], progress=False).fit(model, 1)
-    h.make_loop("compiled", model, step=Doubled(), progress=False).fit(model, 1)
-    h.make_loop("transitions", model, progress=False).fit(model, 1)
-    assert plain_calls == []
-
-
-def test_the_last_graph_is_not_kept_after_the_phase() -> None:
-    """The plain loop keeps the previous loss only until the next one replaces it."""
+def test_the_last_batch_stays_readable_after_the_phase() -> None:
+    """After a fit, the last batch's loss and output are what hooks last read."""
     model = h.make_model()
     loop = h.make_loop("compiled", model, train=3, progress=False)
     loop.fit(model, 1)
     assert loop.last_step_loss is not None and loop.last_step_loss.ndim == 0
     assert loop.last_step_output is not None
-    assert not any(name.startswith("_previous") for name in vars(loop))
 
 
 class _VetoingObserver(Callback):
@@ -436,12 +385,8 @@ class _VetoingObserver(Callback):
         return Veto("observers cannot veto") if loop.batch_index == 1 else None
 
 
-def test_a_lone_observers_bad_result_is_refused_as_the_reference_refuses_it(
-    plain_calls: list[int],
-) -> None:
-    # The plain loop calls a lone observer without the policy's loop around it; what
-    # it returns still goes through the policy (LifecycleError naming the observer).
+def test_a_lone_observers_bad_result_is_refused_as_the_reference_refuses_it() -> None:
+    # What a lone observer returns goes through the policy (LifecycleError naming it).
     loop, _ = assert_same(train=3, extra=[_VetoingObserver()])
-    assert plain_calls == [1]
     assert isinstance(loop.failure, LifecycleError)
     assert "Observer on_batch_end of _VetoingObserver returned Veto" in str(loop.failure)

@@ -1,8 +1,9 @@
-"""Check a recorded trace against the invariants of the lifecycle contract.
+"""Lifecycle traces: one taken event as recorded, and the checker of the contract's invariants.
 
-:func:`assert_valid_trace` takes what a :class:`~statemachine_loop.testing.TraceRecorder`
-recorded (or a bare list of events) and checks, in one pass, the invariants of the
-lifecycle contract that a trace alone can show:
+A trace is the sequence of events a fit took, each as a :class:`TraceEntry` (what
+``TraceRecorder`` in :mod:`statemachine_loop.testing` records, and what the structured
+log replays) or as a bare event. :func:`assert_valid_trace` checks, in one pass, the
+invariants of the lifecycle contract that a trace alone can show:
 
 1. the trace is a word of the lifecycle machine from ``idle`` to ``done`` (or empty),
    replayed through the transition table read off the machine itself;
@@ -15,7 +16,9 @@ lifecycle contract that a trace alone can show:
 The first broken rule raises :class:`TraceViolation`, an ``AssertionError`` that names
 the event, its 0-based position, the state there and the events legal there, so a
 failing property test reads like a bug report. :func:`replay` gives the state after
-each event, for tools that want to show where a trace went.
+each event, for tools that want to show where a trace went (``smloop logs validate``).
+The checker is lifecycle logic, so it lives in the core; :mod:`statemachine_loop.testing`
+re-exports it for tests.
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 
-from statemachine_loop.events import END_EVENTS, Event
+import attrs
+
+from statemachine_loop.events import (
+    END_EVENTS,
+    PHASES,
+    SCOPE_CLOSED,
+    SCOPE_OPENED,
+    TRAINING,
+    VALIDATION,
+    Event,
+    Scope,
+)
 from statemachine_loop.machine import (
     FINAL_STATE,
     INITIAL_STATE,
@@ -31,39 +45,38 @@ from statemachine_loop.machine import (
     build_machine,
     transition_table,
 )
-from statemachine_loop.testing.recorder import TraceEntry
 
-__all__ = ["TraceViolation", "assert_valid_trace", "replay"]
+__all__ = ["TraceEntry", "TraceItem", "TraceViolation", "assert_valid_trace", "replay"]
+
+
+@attrs.frozen
+class TraceEntry:
+    """One taken event, with where the loop was when its observers ran."""
+
+    event: Event
+    state: str
+    epoch_index: int
+    batch_index: int
+    is_training: bool
+    resuming: bool
+    stop_reason: str | None
+    failed: bool
+
 
 #: What the checker accepts per position: a recorded entry, an event, or its value.
 TraceItem = TraceEntry | Event | str
 
-#: The scope each start event opens and each end event closes, from the contract.
-_OPENS: Mapping[Event, str] = {
-    Event.FIT_START: "fit",
-    Event.EPOCH_START: "epoch",
-    Event.TRAINING_START: "training",
-    Event.VALIDATION_START: "validation",
-    Event.BATCH_START: "batch",
-}
-_CLOSES: Mapping[Event, str] = {
-    Event.FIT_END: "fit",
-    Event.EPOCH_END: "epoch",
-    Event.TRAINING_END: "training",
-    Event.VALIDATION_END: "validation",
-    Event.BATCH_END: "batch",
-}
 #: Where each scope may open: the scope that must enclose it (``None``: nothing open).
-_PARENT: Mapping[str, tuple[str | None, ...]] = {
+_PARENT: Mapping[Scope, tuple[Scope | None, ...]] = {
     "fit": (None,),
     "epoch": ("fit",),
-    "training": ("epoch",),
-    "validation": ("epoch",),
-    "batch": ("training", "validation"),
+    TRAINING: ("epoch",),
+    VALIDATION: ("epoch",),
+    "batch": PHASES,
 }
 _STEPS: Mapping[Event, str] = {
-    Event.UPDATE_START: "training",
-    Event.INFERENCE_PREDICTION_END: "validation",
+    Event.UPDATE_START: TRAINING,
+    Event.INFERENCE_PREDICTION_END: VALIDATION,
 }
 _RULES: Mapping[int, str] = {
     1: "the trace is a word of the lifecycle machine",
@@ -242,14 +255,14 @@ class _Checker:
         top = self.stack[-1] if self.stack else None
         if self.fit_ends:
             raise self.fail(2, "an event follows fit_end, which must be last", event)
-        opened = _OPENS.get(event)
+        opened = SCOPE_OPENED.get(event)
         if opened is not None:
             if top not in _PARENT[opened]:
                 raise self.fail(2, f"a {opened} scope cannot open inside {top or 'nothing'}", event)
-            if opened == "validation" and self.has_validation is False:
+            if opened == VALIDATION and self.has_validation is False:
                 raise self.fail(2, "a validation phase ran in a fit without validation data", event)
-            if opened in ("training", "validation"):
-                if opened in self.phases_in_epoch or "validation" in self.phases_in_epoch:
+            if opened in PHASES:
+                if opened in self.phases_in_epoch or VALIDATION in self.phases_in_epoch:
                     raise self.fail(2, f"a second or late {opened} phase in one epoch", event)
                 self.phases_in_epoch.append(opened)
             if opened == "epoch":
@@ -257,7 +270,7 @@ class _Checker:
             if opened == "batch":
                 self.steps_in_batch = 0
             self.stack.append(opened)
-        closed = _CLOSES.get(event)
+        closed = SCOPE_CLOSED.get(event)
         if closed is not None:
             if top != closed:
                 raise self.fail(2, f"it closes {closed} but the open scope is {top}", event)
@@ -321,13 +334,13 @@ class _Checker:
             if batch != 0:
                 raise self.fail(4, f"the phase opens with batch_index {batch}, not 0", event)
             self.phase_batch, self.batch_taken = 0, None
-        phase = next((s for s in reversed(self.stack) if s in ("training", "validation")), None)
+        phase = next((s for s in reversed(self.stack) if s in PHASES), None)
         if phase is not None or event in (Event.TRAINING_END, Event.VALIDATION_END):
             self._check_batch_index(event, entry, phase)
 
     def _check_batch_index(self, event: Event, entry: TraceEntry, phase: str | None) -> None:
         batch = entry.batch_index
-        expected_training = phase == "training" or event is Event.TRAINING_END
+        expected_training = phase == TRAINING or event is Event.TRAINING_END
         if entry.is_training != expected_training:
             raise self.fail(4, f"is_training is {entry.is_training} in a {phase} phase", event)
         assert self.phase_batch is not None
