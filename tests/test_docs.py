@@ -123,3 +123,11 @@ def test_public_name_has_a_docstring(name: str) -> None:
     # ``__doc__`` itself, not ``inspect.getdoc``: that would lend a class its base's docstring.
     doc = getattr(statemachine_loop, name).__doc__
     assert doc is not None and doc.strip(), f"statemachine_loop.{name} has no docstring"
+
+
+def test_the_lifecycle_page_stands_on_its_own() -> None:
+    """It is the project's statement of the contract: it cites nothing outside the repository."""
+    text = LIFECYCLE.read_text()
+    assert "shared/" not in text and "../" not in text
+    for title in ("Invariants", "Precise rules", "The driver", "What a hook may read"):
+        assert f"\n## {title}\n" in text
