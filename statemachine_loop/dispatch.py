@@ -68,6 +68,28 @@ class CompiledEngine(Engine):
             for event in ALL_EVENTS
         }
 
+    def proposer(self, event: Event) -> Callable[[], Event | None]:
+        """:meth:`propose` of ``event`` for this fit (see :meth:`Engine.proposer`).
+
+        For an event with no entry work that no callback hooks, that is only the legality
+        lookup and the move, which is all its proposal would do.
+        """
+        moves, entry, guarded, observed = self._plans[event]
+        if entry is not None or guarded or observed:
+            return super().proposer(event)
+        model = self.model
+
+        def move() -> Event:
+            state = model.state
+            try:
+                model.state = moves[state]
+            except KeyError:
+                raise self._illegal(state, event) from None
+            self.source = state
+            return event
+
+        return move
+
     def propose(self, event: Event) -> Event | None:
         """Propose ``event`` (see :meth:`Engine.propose`)."""
         moves, entry, guarded, observed = self._plans[event]

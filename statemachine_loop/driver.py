@@ -45,10 +45,11 @@ from statemachine_loop.fit_setup import FitSetup
 from statemachine_loop.loop_state import ResumePoint
 from statemachine_loop.machine import BETWEEN_EPOCHS, PHASE_OF_STATE
 from statemachine_loop.policy import Engine, EntryWork, Stopping
-from statemachine_loop.preflight import checked_loss, length_of
+from statemachine_loop.precision import AutocastFactory
+from statemachine_loop.preflight import length_of
 from statemachine_loop.resume import phase_start_rng, restore_phase_start_rng, resumed_data
 from statemachine_loop.run_state import RunState
-from statemachine_loop.step import move_to_device, needs_move
+from statemachine_loop.step import bind_step, move_to_device, needs_move
 
 __all__ = ["Driver"]
 
@@ -68,10 +69,18 @@ class Driver:
     ``fit_end`` (see the module docstring).
     """
 
+    # The proposals of the per-batch events, from the engine once it is bound (``run``).
+    _start_batch: Callable[[], Event | None]
+    _update: Callable[[], Event | None]
+    _predicted: Callable[[], Event | None]
+    _end_batch: Callable[[], Event | None]
+
     def __init__(self, setup: FitSetup, run: RunState, engine: Engine) -> None:
         self._setup, self._run, self._engine = setup, run, engine
         self._propose = engine.propose
-        self._move: Callable[[Any], Any] = self._first_move
+        self._step = bind_step(setup.step)
+        # How a phase's batches reach the device: decided on its first batch (None: as is).
+        self._move: Callable[[Any], Any] | None = self._first_move
         self._validation_proposed = False
         # Only a hook that runs inside phases can take a checkpoint there, which needs
         # the random state of the phase's start: a fit without one does not keep it.
@@ -92,7 +101,9 @@ class Driver:
 
     def run(self, resume: ResumePoint | None) -> None:
         """Fire the fit's events from ``fit_start`` to ``fit_end``, doing the work between."""
-        run, propose = self._run, self._propose
+        run, propose, proposer = self._run, self._propose, self._engine.proposer
+        self._start_batch, self._end_batch = proposer(BATCH_START), proposer(BATCH_END)
+        self._update, self._predicted = proposer(UPDATE_START), proposer(INFERENCE_PREDICTION_END)
         if propose(FIT_START) is None:
             return
         first_epoch = 0
@@ -141,52 +152,56 @@ class Driver:
         self,
         data: Iterable[Any],
         end: Event,
-        step: Callable[[], None],
+        step: Callable[[Any, Any], None],
         resume: ResumePoint | None,
     ) -> None:
-        run, propose = self._run, self._propose
+        run = self._run
         first = 0
         if resume is not None:
             data, first = self._reenter_phase(data, resume), resume.next_batch
         elif self._keep_phase_rng:
             run.phase_rng_kept(phase_start_rng(data))
-        split, phase_state = self._setup.step.split, self._engine.state
+        split, phase_state = self._step.split, self._engine.state
         for index, batch in enumerate(data, first):
             # Held until this batch's loss replaces it, as a hand-written loop holds its
             # ``loss``: the last graph keeps the parameters' gradient accumulators alive,
             # so autograd reuses them instead of building new ones every batch.
             previous_loss = run.last_step_loss
-            run.batch_fetched(index)
-            run.batch_split(*split(self._move(batch)))
             try:
-                taken = propose(BATCH_START)
+                move = self._move
+                inputs, target = split(batch if move is None else move(batch))
+            except BaseException:
+                run.batch_fetched(index, None, None)  # fetched all the same: no exact resume
+                raise
+            run.batch_fetched(index, inputs, target)
+            try:
+                taken = self._start_batch()
             except BaseException:
                 if self._engine.state != phase_state:  # taken; then an observer stopped or raised
                     run.batch_cut_short()
                 raise
             if taken is BATCH_START:
                 run.batch_started()
-                step()
+                step(inputs, target)
                 del previous_loss
                 run.batch_ended()
-                propose(BATCH_END)
+                self._end_batch()
             elif taken is end:
                 return
         run.data_exhausted()
-        propose(end)
+        self._propose(end)
 
-    def _training_step(self) -> None:
-        setup, run = self._setup, self._run
-        inputs, target = run.last_step_input, run.last_step_target
-        autocast = setup.precision.autocast
+    def _training_step(self, inputs: Any, target: Any) -> None:
+        setup, run, step = self._setup, self._run, self._step
+        autocast, scaler = setup.precision.autocast, setup.precision.grad_scaler
         if autocast is None:
-            output, loss = self._forward(inputs, target)
+            output = step.forward(setup.model, inputs)
+            run.forwarded(output)
+            loss = run.scored(step.loss(setup.loss_fn, output, target))
         else:
-            with autocast():
-                output, loss = self._forward(inputs, target)
-        scaler = setup.precision.grad_scaler
+            output, loss = self._autocast_forward(autocast, inputs, target)
         torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
-        if self._propose(UPDATE_START) is UPDATE_START:
+        if self._update() is UPDATE_START:
             optimizer = setup.optimizer
             if scaler is None:
                 optimizer.step()
@@ -194,33 +209,31 @@ class Driver:
                 scaler.step(optimizer)
                 scaler.update()
             optimizer.zero_grad()
-        self._update_metrics(output, target, loss)
+        size = step.batch_size(inputs, target)
+        for metric in setup.metrics:
+            metric.update(output, target, loss, size)
 
-    def _forward(self, inputs: Any, target: Any) -> tuple[Any, torch.Tensor]:
-        """The model's output and the scalar loss of one batch, both recorded."""
-        setup, run = self._setup, self._run
-        output = setup.step.forward(setup.model, inputs)
-        run.forwarded(output)
-        loss = checked_loss(setup.step.loss(setup.loss_fn, output, target))
-        run.scored(loss)
-        return output, loss
+    def _autocast_forward(
+        self, autocast: AutocastFactory, inputs: Any, target: Any
+    ) -> tuple[Any, torch.Tensor]:
+        """The training step's forward pass and loss, under ``autocast``."""
+        setup, run, step = self._setup, self._run, self._step
+        with autocast():
+            output = step.forward(setup.model, inputs)
+            run.forwarded(output)
+            return output, run.scored(step.loss(setup.loss_fn, output, target))
 
-    def _validation_step(self) -> None:
-        setup, run = self._setup, self._run
-        inputs, target = run.last_step_input, run.last_step_target
+    def _validation_step(self, inputs: Any, target: Any) -> None:
+        setup, run, step = self._setup, self._run, self._step
         autocast = setup.precision.autocast
         with nullcontext() if autocast is None else autocast():
-            output = setup.step.forward(setup.model, inputs)
+            output = step.forward(setup.model, inputs)
             run.forwarded(output)
-            if self._propose(INFERENCE_PREDICTION_END) is None:
+            if self._predicted() is None:
                 return
-            loss = checked_loss(setup.step.loss(setup.loss_fn, output, target))
-        run.scored(loss)
-        self._update_metrics(output, target, loss)
-
-    def _update_metrics(self, output: Any, target: Any, loss: torch.Tensor) -> None:
-        size = self._setup.step.batch_size(self._run.last_step_input, target)
-        for metric in self._setup.metrics:
+            loss = run.scored(step.loss(setup.loss_fn, output, target))
+        size = step.batch_size(inputs, target)
+        for metric in setup.metrics:
             metric.update(output, target, loss, size)
 
     # -- re-entering a checkpoint ------------------------------------------------------
@@ -293,12 +306,8 @@ class Driver:
 
             self._move = move
             return move(batch)
-        self._move = _unchanged
+        self._move = None
         return batch
-
-
-def _unchanged(batch: Any) -> Any:
-    return batch
 
 
 def _reentry_refused(event: Event) -> LifecycleError:

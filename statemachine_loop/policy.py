@@ -13,6 +13,7 @@ The engine reports what happened to the fit's :class:`~statemachine_loop.run_sta
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
@@ -133,6 +134,13 @@ class Engine:
         once the machine is where the stop leaves it.
         """
         raise NotImplementedError
+
+    def proposer(self, event: Event) -> Callable[[], Event | None]:
+        """:meth:`propose` of ``event`` as a function of no arguments, for this fit.
+
+        The driver asks once per fit for the events it proposes on every batch.
+        """
+        return functools.partial(self.propose, event)
 
     def wind_down(self) -> list[HookError]:
         """Fire the end events of every open scope, innermost first, on the machine's path.

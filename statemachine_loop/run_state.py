@@ -25,6 +25,7 @@ import torch
 from statemachine_loop.errors import LifecycleError
 from statemachine_loop.history import History
 from statemachine_loop.machine import BETWEEN_EPOCHS, RESUMABLE_STATES
+from statemachine_loop.preflight import checked_loss
 
 if TYPE_CHECKING:
     from statemachine_loop.decisions import DecisionRecord
@@ -137,14 +138,15 @@ class RunState:
 
     # -- batches ---------------------------------------------------------------------
 
-    def batch_fetched(self, index: int) -> None:
-        """Batch ``index`` came from the data: no exact checkpoint until it ends."""
-        self.next_batch, self.batch_index = MID_BATCH, index
-        self.last_step_output = self.last_step_loss = None  # never stale across batches
+    def batch_fetched(self, index: int, inputs: Any, target: Any) -> None:
+        """Batch ``index`` came from the data, as ``inputs`` and ``target`` (moved and split).
 
-    def batch_split(self, inputs: Any, target: Any) -> None:
-        """The batch, moved and split by the ``Step``, is what hooks of it read."""
+        The data's generators have drawn for it, so no checkpoint is exact until it ends.
+        A batch that could not be moved or split is recorded with neither.
+        """
+        self.next_batch, self.batch_index = MID_BATCH, index
         self.last_step_input, self.last_step_target = inputs, target
+        self.last_step_output = self.last_step_loss = None  # never stale across batches
 
     def batch_started(self) -> None:
         """``batch_start`` was taken and the batch's work follows: the phase ran a batch."""
@@ -163,9 +165,12 @@ class RunState:
         """The model produced the batch's output."""
         self.last_step_output = output
 
-    def scored(self, loss: torch.Tensor) -> None:
-        """The batch's scalar loss was computed."""
+    def scored(self, loss: object) -> torch.Tensor:
+        """The batch's loss was computed: it must be a scalar tensor (else a ``ConfigError``)."""
+        if not isinstance(loss, torch.Tensor) or loss.ndim:
+            loss = checked_loss(loss)  # raises the ConfigError that says what is wrong
         self.last_step_loss = loss
+        return loss
 
     def batch_ended(self) -> None:
         """The batch's work is done: a checkpoint now continues with the next one."""

@@ -20,14 +20,16 @@ Example, for batches that are dicts::
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 
 from statemachine_loop.errors import ConfigError
 
-__all__ = ["LossFn", "Step", "move_to_device"]
+__all__ = ["BoundStep", "LossFn", "Step", "bind_step", "move_to_device"]
 
 #: A loss function ``loss_fn(output, target) -> scalar tensor``.
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -36,7 +38,7 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 class Step:
     """The per-batch work of the loop, in overridable parts.
 
-    Methods are called on the hot path; keep overrides cheap. ``split`` may raise
+    Methods are called for every batch; keep overrides cheap. ``split`` may raise
     :class:`ConfigError` for a batch it does not understand.
     """
 
@@ -72,6 +74,32 @@ class Step:
         if isinstance(inputs, torch.Tensor) and inputs.ndim > 0:
             return int(inputs.shape[0])
         return 1
+
+
+@attrs.frozen
+class BoundStep:
+    """A :class:`Step`'s per-batch calls, resolved once per fit.
+
+    Where the step keeps the default ``forward`` or ``loss``, the call is the one that
+    default makes (``model(inputs)``, ``loss_fn(output, target)``) instead of the method
+    around it: the same result, one Python frame less for every batch.
+    """
+
+    split: Callable[[Any], tuple[Any, Any]]
+    forward: Callable[[torch.nn.Module, Any], Any]
+    loss: Callable[[LossFn, Any, Any], Any]
+    batch_size: Callable[[Any, Any], int]
+
+
+def bind_step(step: Step) -> BoundStep:
+    """The calls a fit makes for ``step`` on every batch (see :class:`BoundStep`)."""
+    kind = type(step)
+    return BoundStep(
+        split=step.split,
+        forward=operator.call if kind.forward is Step.forward else step.forward,
+        loss=operator.call if kind.loss is Step.loss else step.loss,
+        batch_size=step.batch_size,
+    )
 
 
 def _describe(batch: Any) -> str:

@@ -18,7 +18,7 @@ import pytest
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
 
 MODELS = {"tutorial", "mnist_mlp"}
-CONTENDERS = {"raw", "compiled", "transitions"}
+CONTENDERS = {"raw", "compiled", "fit_end_x100", "transitions"}
 ROW_KEYS = {
     "best_us_per_step",
     "median_us_per_step",
@@ -26,6 +26,7 @@ ROW_KEYS = {
     "median_paired_ratio",
     "paired_ratio_quartiles",
     "overhead_us_per_step",
+    "median_paired_difference_us",
     "us_per_step_by_round",
 }
 
@@ -65,13 +66,15 @@ def test_overhead_quick_writes_json(tmp_path: Path) -> None:
             assert len(row["us_per_step_by_round"]) == 2
             assert len(row["paired_ratio_quartiles"]) == 2
             lists = {"us_per_step_by_round", "paired_ratio_quartiles"}
-            for key in ROW_KEYS - lists - {"overhead_us_per_step"}:
+            differences = {"overhead_us_per_step", "median_paired_difference_us"}
+            for key in ROW_KEYS - lists - differences:
                 assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+            assert all(math.isfinite(row[key]) for key in differences)
         assert math.isfinite(result["compiled_fixed_us_per_fit"])
         assert result["compiled_ratio_of_best_without_setup"] > 0
         raw = result["contenders"]["raw"]
         assert raw["ratio_of_best"] == 1.0
-        assert raw["overhead_us_per_step"] == 0.0
+        assert raw["overhead_us_per_step"] == raw["median_paired_difference_us"] == 0.0
 
 
 def test_instructions_child_runs_its_fits_between_the_parent_signals() -> None:
@@ -102,7 +105,8 @@ def _run(script: str, *flags: str) -> subprocess.CompletedProcess[str]:
 
 def _check_spread(pooled: dict[str, dict[str, float]], values: list[float]) -> None:
     """A pooled figure is the mean, standard error and range of the processes' own values."""
-    assert set(pooled) == {"ratio_of_best", "median_paired_ratio"}
+    ratios = {"ratio_of_best", "median_paired_ratio"}
+    assert ratios <= set(pooled) <= ratios | {"overhead_us_per_step", "median_paired_difference_us"}
     assert len(values) == 2
     for row in pooled.values():
         assert set(row) == {"mean", "standard_error", "min", "max"}
@@ -127,6 +131,18 @@ def test_overhead_pools_fresh_processes(tmp_path: Path) -> None:
     for contender, pooled in report["pooled"]["tutorial"].items():
         values = [run["models"]["tutorial"]["contenders"][contender] for run in runs]
         _check_spread(pooled, [value["ratio_of_best"] for value in values])
+        paired = [value["median_paired_difference_us"] for value in values]
+        assert math.isclose(pooled["median_paired_difference_us"]["mean"], sum(paired) / 2)
+    assert "µs/step (paired)" in completed.stdout
+
+
+def test_overhead_times_the_heap_as_a_fresh_process_has_it(tmp_path: Path) -> None:
+    report_path = tmp_path / "as-is.json"
+    flags = ["--quick", "--rounds", "2", "--steps", "3", "--model", "tutorial", "--gc", "as-is"]
+    completed = _run("overhead.py", *flags, "--json", str(report_path))
+    assert completed.returncode == 0, completed.stderr
+    assert "heap as-is" in completed.stdout
+    assert json.loads(report_path.read_text())["meta"]["gc"] == "as-is"
 
 
 def test_observability_quick_and_pooled(tmp_path: Path) -> None:

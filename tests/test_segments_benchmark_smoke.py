@@ -42,7 +42,7 @@ def test_quick_reports_every_segment(
 ) -> None:
     report = segments.main(["--quick"])
     fits = report["result"]["by_contender"]
-    assert set(fits) == {"raw", "compiled", "transitions"}
+    assert set(fits) == {"raw", "compiled", "fit_end_x100", "transitions"}
     assert all(len(runs) == 3 for runs in fits.values())  # --quick: 3 timed rounds
     for runs in fits.values():
         for fit in runs:
