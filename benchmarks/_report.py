@@ -46,6 +46,32 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+#: How a benchmark treats the garbage collector while timing (``--gc``).
+GC_MODES = ("frozen", "as-is")
+
+
+def timing_heap(mode: str) -> contextlib.AbstractContextManager[None]:
+    """The heap the timed rounds run with: :func:`frozen_heap`, or as it comes (``as-is``).
+
+    ``as-is`` is what a user's fresh process has: the collector on, with everything the
+    process allocated so far (torch's modules included) in its generations, so a full
+    collection now and then walks all of it.
+    """
+    if mode not in GC_MODES:
+        raise ValueError(f"gc mode must be one of {GC_MODES}; got {mode!r}")
+    return frozen_heap() if mode == "frozen" else contextlib.nullcontext()
+
+
+def add_gc_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--gc`` option of the timing benchmarks (see :func:`timing_heap`)."""
+    parser.add_argument(
+        "--gc",
+        choices=GC_MODES,
+        default="frozen",
+        help="time with the heap frozen (default) or as a fresh process has it",
+    )
+
+
 def load_average() -> tuple[float, float, float] | None:
     """The system load average, where the platform has one."""
     return os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -128,6 +154,8 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 
 #: The ratios ``--processes`` pools, as every timing report names them.
 RATIOS = ("ratio_of_best", "median_paired_ratio")
+#: The differences in µs per step it pools too, where a report's rows have them.
+DIFFERENCES = ("overhead_us_per_step", "median_paired_difference_us")
 
 #: From one report, the tables to pool: a title for each, and in it a row per contender
 #: (the reference first) holding at least :data:`RATIOS`.
@@ -170,19 +198,29 @@ def pool_processes(
     pooled = {
         title: {
             name: {
-                ratio: spread([tables(r)[title][name][ratio] for r in reports]) for ratio in RATIOS
+                figure: spread([tables(r)[title][name][figure] for r in reports])
+                for figure in (*RATIOS, *DIFFERENCES)
+                if figure in row
             }
-            for name in rows
+            for name, row in rows.items()
         }
         for title, rows in tables(reports[0]).items()
     }
     for title, contenders in pooled.items():
         print(f"\n{title}, over {processes} processes: mean ± standard error (range)")
-        header = f"  {'contender':<12}{'ratio of best':>32}{'median paired':>32}"
+        header = f"  {'contender':<14}{'ratio of best':>32}{'median paired':>32}"
+        if any(DIFFERENCES[0] in figures for figures in contenders.values()):
+            header += f"{'µs/step (best)':>28}{'µs/step (paired)':>28}"
         print(header)
         print("  " + "-" * (len(header) - 2))
-        for name, ratios in contenders.items():
-            print(f"  {name:<12}" + "".join(f"{_cell(ratios[ratio]):>32}" for ratio in RATIOS))
+        for name, figures in contenders.items():
+            cells = [_cell(figures[ratio]) for ratio in RATIOS]
+            cells += [_us(figures[figure]) for figure in DIFFERENCES if figure in figures]
+            print(
+                f"  {name:<14}"
+                + "".join(f"{cell:>32}" for cell in cells[:2])
+                + "".join(f"{cell:>28}" for cell in cells[2:])
+            )
     report = {
         "meta": {**reports[0]["meta"], **machine_meta(load), **meta, "processes": processes},
         "pooled": pooled,
@@ -194,3 +232,7 @@ def pool_processes(
 
 def _cell(row: dict[str, float]) -> str:
     return f"{row['mean']:.4f}x ± {row['standard_error']:.4f} ({row['min']:.3f}-{row['max']:.3f})"
+
+
+def _us(row: dict[str, float]) -> str:
+    return f"{row['mean']:.2f} ± {row['standard_error']:.2f} ({row['min']:.1f}-{row['max']:.1f})"

@@ -7,6 +7,7 @@ never fails on a number. Run it on a quiet machine::
     python benchmarks/overhead.py --rounds 41 --json run/overhead.json
     python benchmarks/overhead.py --quick         # a few tiny rounds (the smoke test)
     python benchmarks/overhead.py --processes 8   # the whole run in 8 fresh processes, pooled
+    python benchmarks/overhead.py --processes 8 --gc as-is   # the heap as a user's has it
 
 Method. Everything runs in one process on the CPU with ``torch.set_num_threads(1)``.
 The same model, optimizer and ``DataLoader`` serve every contender:
@@ -16,11 +17,14 @@ The same model, optimizer and ``DataLoader`` serve every contender:
   ``DataLoader``, forward, loss, backward, ``optimizer.step()``,
   ``optimizer.zero_grad()`` (``set_to_none=True``, the default the loop uses too), and
   the cheap loss metric: append ``loss.detach()`` and the batch size per batch, reduce
-  once per epoch on the device (float64, sample-weighted, as ``metrics._Loss`` does).
+  once per epoch on the device (float64, sample-weighted, as the built-in loss metric does).
   Per epoch it also does what the loop's ``training_start`` does: ``model.train()``,
   grad mode on, ``zero_grad()``.
 * ``compiled``: ``TrainingLoop(...).fit`` with the default engine and no callbacks
   (``progress=False`` where the loop has a default progress display).
+* ``fit_end_x100``: the same with a hundred callbacks that hook only ``fit_end``: the
+  engine works out once per fit which callbacks hook each event, so a batch must cost
+  what it costs with none.
 * ``transitions``: the same with ``engine="transitions"`` (every event through
   ``Machine.trigger``), for reference.
 
@@ -29,13 +33,15 @@ must give bit-identical parameters (and the same epoch loss), which shows the tw
 the same work. This machine's noise (2-5 % between two identical raw runs) is as
 large as the budget, so the contenders are *interleaved*: each round times one
 ``fit`` of each (``--epochs`` epochs, the order rotated every round so none always
-runs first), after warm-up rounds. The garbage collector stays on, as in a user's
-program, with everything that existed before timing frozen out of its reach
-(``gc.freeze``); there is no ``gc.collect()`` before each fit, which would evict the
-caches and add about 0.6 ms to the fit after it. Reported per model and contender: µs per step, best
-and median over rounds; the ratio of best-of-rounds times (``best / best raw``); the
-median of the paired ratios ``t_i / raw_i`` of the same round, with their quartiles;
-and the overhead in µs per step (best minus best raw).
+runs first), after warm-up rounds. The garbage collector stays on. By default
+(``--gc frozen``) everything that existed before timing is frozen out of its reach
+(``gc.freeze``), so a collection costs what the timed fits allocate; ``--gc as-is``
+leaves the heap as a user's fresh process has it, torch's modules included. There is
+no ``gc.collect()`` before each fit, which would evict the caches. Reported per model
+and contender: µs per step, best and median over rounds; the ratio of best-of-rounds
+times (``best / best raw``); the median of the paired ratios ``t_i / raw_i`` of the
+same round, with their quartiles; and the overhead in µs per step, as best minus best
+raw and as the median of the paired differences ``t_i - raw_i``.
 
 Part of that overhead does not grow with the number of batches: checking the
 arguments and preparing the engine once per ``fit``, opening and closing the epoch and
@@ -70,19 +76,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from statemachine_loop import TrainingLoop
+from statemachine_loop import Callback, TrainingLoop
 
 from _report import (
+    add_gc_option,
     add_processes_option,
-    frozen_heap,
     load_average,
     machine_meta,
     pool_processes,
     run_line,
+    timing_heap,
     write_report,
 )
 
-CONTENDERS = ("raw", "compiled", "transitions")
+CONTENDERS = ("raw", "compiled", "fit_end_x100", "transitions")
+
+
+class FitEndOnly(Callback):
+    """A callback that hooks ``fit_end`` alone: a hundred of them must cost a batch nothing."""
+
+    def on_fit_end(self, loop: Any) -> None:
+        """Nothing: the hook's existence is what is measured."""
 
 
 def bare_loop(**options: Any) -> TrainingLoop:
@@ -198,20 +212,27 @@ def contender_runs(workload: dict[str, Any], epochs: int) -> dict[str, Callable[
         engine: bare_loop(training=data, optimizer=optimizer, loss_fn=loss_fn, engine=engine)
         for engine in ("compiled", "transitions")
     }
+    loops["fit_end_x100"] = bare_loop(
+        training=data,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        callbacks=[FitEndOnly() for _ in range(100)],
+    )
     return {
         "raw": lambda: raw_fit(model, data, optimizer, loss_fn, epochs),
-        "compiled": lambda: loops["compiled"].fit(model, epochs),
-        "transitions": lambda: loops["transitions"].fit(model, epochs),
+        **{name: (lambda loop=loop: loop.fit(model, epochs)) for name, loop in loops.items()},
     }
 
 
-def measure(workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int) -> dict[str, Any]:
+def measure(
+    workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int, gc_mode: str = "frozen"
+) -> dict[str, Any]:
     """Time interleaved rounds of every contender on one workload; return a summary."""
     check_same_work(workload)
     runs = contender_runs(workload, epochs)
     steps = epochs * len(workload["data"])
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    with frozen_heap():  # torch's modules and the data out of the collector's reach
+    with timing_heap(gc_mode):
         for index in range(warmup + rounds):
             shift = index % len(CONTENDERS)
             for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
@@ -219,7 +240,7 @@ def measure(workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int) 
                 if index >= warmup:
                     times[name].append(elapsed / 1e3 / steps)  # µs per step
     result = summarize(workload, times, steps=steps, epochs=epochs)
-    fixed = measure_fixed(workload, rounds=rounds, epochs=epochs)
+    fixed = measure_fixed(workload, rounds=rounds, epochs=epochs, gc_mode=gc_mode)
     compiled = result["contenders"]["compiled"]
     result["compiled_fixed_us_per_fit"] = fixed
     result["compiled_ratio_of_best_without_setup"] = (
@@ -228,7 +249,9 @@ def measure(workload: dict[str, Any], *, rounds: int, warmup: int, epochs: int) 
     return result
 
 
-def measure_fixed(workload: dict[str, Any], *, rounds: int, epochs: int) -> float:
+def measure_fixed(
+    workload: dict[str, Any], *, rounds: int, epochs: int, gc_mode: str = "frozen"
+) -> float:
     """What ``compiled`` adds per fit of ``epochs`` epochs, whatever their length, in µs.
 
     Fits of ``epochs`` epochs of one batch each, ``raw`` and ``compiled`` interleaved
@@ -245,7 +268,7 @@ def measure_fixed(workload: dict[str, Any], *, rounds: int, epochs: int) -> floa
         lambda: loop.fit(model, epochs),
     )
     differences: list[float] = []
-    with frozen_heap():
+    with timing_heap(gc_mode):
         for index in range(rounds + 3):
             order = runs if index % 2 else runs[::-1]
             first, second = (_timed(run) for run in order)
@@ -272,6 +295,9 @@ def summarize(
             "median_us_per_step": statistics.median(series),
             "ratio_of_best": best / best_raw,
             "median_paired_ratio": statistics.median(paired),
+            "median_paired_difference_us": statistics.median(
+                t - r for t, r in zip(series, raw, strict=True)
+            ),
             "paired_ratio_quartiles": [quartiles[0], quartiles[2]],
             "overhead_us_per_step": best - best_raw,
             "us_per_step_by_round": series,
@@ -351,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="which workload to run",
     )
     add_processes_option(parser)
+    add_gc_option(parser)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     quick = {"rounds": 3, "warmup": 1, "epochs": 1, "steps": 5}
@@ -365,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)  # before the branch: --processes reports the threads its runs use
     if args.processes > 1:
         child = ["--rounds", rounds, "--warmup", warmup, "--epochs", epochs, "--steps", steps]
+        child += ["--gc", args.gc]
         return pool_processes(
             Path(__file__),
             [*map(str, child), "--model", args.model],
@@ -382,12 +410,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load = load_average()
     print(
         f"statemachine_loop {_commit()}, {run_line(load)}, "
-        f"{rounds} rounds (+{warmup} warm-up), interleaved"
+        f"{rounds} rounds (+{warmup} warm-up), interleaved, heap {args.gc}"
     )
     results: dict[str, Any] = {}
     for name in chosen:
         factory, batch = WORKLOADS[name]
-        results[name] = measure(factory(steps * batch), rounds=rounds, warmup=warmup, epochs=epochs)
+        results[name] = measure(
+            factory(steps * batch), rounds=rounds, warmup=warmup, epochs=epochs, gc_mode=args.gc
+        )
         print_table(name, results[name])
     report = {
         "meta": {
@@ -397,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "warmup": warmup,
             "epochs": epochs,
             "steps_per_epoch": steps,
+            "gc": args.gc,
             "quick": args.quick,
         },
         "models": results,
