@@ -133,7 +133,7 @@ class Driver:
             if taken is EPOCH_END:
                 return
             if taken is TRAINING_START:
-                self._run_phase(setup.training, TRAINING_END, self._training_step, resume)
+                self._run_phase(setup.training, TRAINING_END, self._training_work(), resume)
             elif resume is not None:
                 raise _reentry_refused(TRAINING_START)
             resume = None
@@ -143,7 +143,7 @@ class Driver:
                 return
         if taken is VALIDATION_START:
             assert setup.validation is not None
-            self._run_phase(setup.validation, VALIDATION_END, self._validation_step, resume)
+            self._run_phase(setup.validation, VALIDATION_END, self._validation_work(), resume)
         elif resume is not None:
             raise _reentry_refused(VALIDATION_START)
         propose(EPOCH_END)
@@ -152,9 +152,10 @@ class Driver:
         self,
         data: Iterable[Any],
         end: Event,
-        step: Callable[[Any, Any], None],
+        work: Callable[[Any, Any], None],
         resume: ResumePoint | None,
     ) -> None:
+        """The phase's batches: fetch, move, split; propose batch_start; ``work``; batch_end."""
         run = self._run
         first = 0
         if resume is not None:
@@ -162,6 +163,8 @@ class Driver:
         elif self._keep_phase_rng:
             run.phase_rng_kept(phase_start_rng(data))
         split, phase_state = self._step.split, self._engine.state
+        fetched, started, ended = run.batch_fetched, run.batch_started, run.batch_ended
+        start_batch, end_batch = self._start_batch, self._end_batch
         for index, batch in enumerate(data, first):
             # Held until this batch's loss replaces it, as a hand-written loop holds its
             # ``loss``: the last graph keeps the parameters' gradient accumulators alive,
@@ -171,47 +174,56 @@ class Driver:
                 move = self._move
                 inputs, target = split(batch if move is None else move(batch))
             except BaseException:
-                run.batch_fetched(index, None, None)  # fetched all the same: no exact resume
+                fetched(index, None, None)  # fetched all the same: no exact resume from here
                 raise
-            run.batch_fetched(index, inputs, target)
+            fetched(index, inputs, target)
             try:
-                taken = self._start_batch()
+                taken = start_batch()
             except BaseException:
                 if self._engine.state != phase_state:  # taken; then an observer stopped or raised
                     run.batch_cut_short()
                 raise
             if taken is BATCH_START:
-                run.batch_started()
-                step(inputs, target)
+                started()
+                work(inputs, target)
                 del previous_loss
-                run.batch_ended()
-                self._end_batch()
+                ended()
+                end_batch()
             elif taken is end:
                 return
         run.data_exhausted()
         self._propose(end)
 
-    def _training_step(self, inputs: Any, target: Any) -> None:
+    def _training_work(self) -> Callable[[Any, Any], None]:
+        """One training batch's work, with the fit's parts bound once for the phase."""
         setup, run, step = self._setup, self._run, self._step
-        autocast, scaler = setup.precision.autocast, setup.precision.grad_scaler
-        if autocast is None:
-            output = step.forward(setup.model, inputs)
-            run.forwarded(output)
-            loss = run.scored(step.loss(setup.loss_fn, output, target))
-        else:
-            output, loss = self._autocast_forward(autocast, inputs, target)
-        torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
-        if self._update() is UPDATE_START:
-            optimizer = setup.optimizer
-            if scaler is None:
-                optimizer.step()
+        precision, model, loss_fn = setup.precision, setup.model, setup.loss_fn
+        forward, loss_of, batch_size = step.forward, step.loss, step.batch_size
+        optimizer, metrics, update = setup.optimizer, setup.metrics, self._update
+        backward, forwarded, scored = torch.autograd.backward, run.forwarded, run.scored
+
+        def train(inputs: Any, target: Any) -> None:
+            """Forward, loss, backward; propose update_start -> optimizer.step(); metrics."""
+            autocast, scaler = precision.autocast, precision.grad_scaler
+            if autocast is None:
+                output = forward(model, inputs)
+                forwarded(output)
+                loss = scored(loss_of(loss_fn, output, target))
             else:
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad()
-        size = step.batch_size(inputs, target)
-        for metric in setup.metrics:
-            metric.update(output, target, loss, size)
+                output, loss = self._autocast_forward(autocast, inputs, target)
+            backward(loss if scaler is None else scaler.scale(loss))
+            if update() is UPDATE_START:
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+                optimizer.zero_grad()
+            size = batch_size(inputs, target)
+            for metric in metrics:
+                metric.update(output, target, loss, size)
+
+        return train
 
     def _autocast_forward(
         self, autocast: AutocastFactory, inputs: Any, target: Any
@@ -223,18 +235,27 @@ class Driver:
             run.forwarded(output)
             return output, run.scored(step.loss(setup.loss_fn, output, target))
 
-    def _validation_step(self, inputs: Any, target: Any) -> None:
+    def _validation_work(self) -> Callable[[Any, Any], None]:
+        """One validation batch's work, with the fit's parts bound once for the phase."""
         setup, run, step = self._setup, self._run, self._step
-        autocast = setup.precision.autocast
-        with nullcontext() if autocast is None else autocast():
-            output = step.forward(setup.model, inputs)
-            run.forwarded(output)
-            if self._predicted() is None:
-                return
-            loss = run.scored(step.loss(setup.loss_fn, output, target))
-        size = step.batch_size(inputs, target)
-        for metric in setup.metrics:
-            metric.update(output, target, loss, size)
+        precision, model, loss_fn = setup.precision, setup.model, setup.loss_fn
+        forward, loss_of, batch_size = step.forward, step.loss, step.batch_size
+        metrics, predicted = setup.metrics, self._predicted
+
+        def validate(inputs: Any, target: Any) -> None:
+            """Forward; propose inference_prediction_end -> loss, metrics."""
+            autocast = precision.autocast
+            with nullcontext() if autocast is None else autocast():
+                output = forward(model, inputs)
+                run.forwarded(output)
+                if predicted() is None:
+                    return
+                loss = run.scored(loss_of(loss_fn, output, target))
+            size = batch_size(inputs, target)
+            for metric in metrics:
+                metric.update(output, target, loss, size)
+
+        return validate
 
     # -- re-entering a checkpoint ------------------------------------------------------
 
